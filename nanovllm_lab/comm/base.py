@@ -1,0 +1,141 @@
+"""The strategy interface, its typed configs and the registry.
+
+A strategy is one file: a frozen `StrategyConfig` subclass with its parameters and a `CommStrategy`
+subclass, registered together with `@register_strategy("name", ConfigClass)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanovllm_lab.distributed.parallel import ParallelInfo
+from nanovllm_lab.utils.registry import Registry
+
+# Each built-in strategy module registers itself on import.
+_BUILTIN_MODULES = ("blocking", "none", "async_overlap", "chunked", "overlap", "symm")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Parameters common to every strategy; subclasses add their own."""
+
+    name: str = "blocking"
+
+
+STRATEGIES: Registry[tuple[type[StrategyConfig], type["CommStrategy"]]] = Registry("strategy")
+
+
+def register_strategy(name: str, config_cls: type[StrategyConfig]) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.name = name
+        STRATEGIES.register(name)((config_cls, cls))
+        return cls
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"nanovllm_lab.comm.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"nanovllm_lab.comm.{mod}":
+                raise
+
+
+def resolve_strategy(spec: Any) -> StrategyConfig:
+    """A name, a config dataclass or a mapping with a `name` key -> the strategy's typed config."""
+    _load_builtins()
+    if isinstance(spec, str):
+        return STRATEGIES.get(spec)[0](name=spec)
+    if isinstance(spec, StrategyConfig):
+        cfg_cls = STRATEGIES.get(spec.name)[0]
+        if not isinstance(spec, cfg_cls):
+            raise TypeError(f"strategy {spec.name!r} takes a {cfg_cls.__name__}, got {type(spec).__name__}")
+        return spec
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name is None:
+            raise ValueError("a strategy mapping needs a 'name' key")
+        cfg_cls = STRATEGIES.get(name)[0]
+        known = {f.name for f in dataclasses.fields(cfg_cls)}
+        for key in spec:
+            if key not in known:
+                raise TypeError(f"strategy {name!r} has no parameter {key!r}; valid: {', '.join(sorted(known - {'name'}))}")
+        return cfg_cls(name=name, **spec)
+    raise TypeError(f"strategy must be a name, a StrategyConfig or a mapping, got {type(spec).__name__}")
+
+
+class CommStrategy:
+    """Blocking behaviour by default: one all-reduce on the compute stream after each row-parallel GEMM."""
+
+    name = "base"
+    valid_outputs = True  # False for strategies that skip reductions (timing bounds only)
+
+    def __init__(self, cfg: StrategyConfig, info: ParallelInfo) -> None:
+        self.cfg = cfg
+        self.rank = info.rank
+        self.world_size = info.world_size
+        self.device = torch.device(info.device)
+
+    # -- collectives -------------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A row-parallel GEMM (x holds this rank's slice of the input features) and its reduction."""
+        return self.all_reduce(F.linear(x, weight, bias))
+
+    def reduce_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(x)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Vocab shards -> full logits on rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(logits, parts, 0)
+        return torch.cat(parts, -1) if self.rank == 0 else None
+
+    # -- the decoder stack -------------------------------------------------------------------------
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder layers in order; micro-batching strategies interleave several batches here."""
+        residual = None
+        for layer in layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return hidden, residual
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
+        """Called once after the model is built (allocate buffers, streams)."""
+
+    def close(self) -> None:
+        pass
+
+
+_CURRENT: CommStrategy | None = None
+
+
+def build_strategy(cfg: StrategyConfig, info: ParallelInfo) -> CommStrategy:
+    cfg = resolve_strategy(cfg)
+    return STRATEGIES.get(cfg.name)[1](cfg, info)
+
+
+def set_comm(strategy: CommStrategy | None) -> None:
+    global _CURRENT
+    _CURRENT = strategy
+
+
+def get_comm() -> CommStrategy:
+    global _CURRENT
+    if _CURRENT is None:  # layers used outside an engine (unit tests): single process, blocking
+        _CURRENT = CommStrategy(StrategyConfig(), ParallelInfo())
+    return _CURRENT

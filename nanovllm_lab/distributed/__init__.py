@@ -1,0 +1,1 @@
+"""Tensor-parallel process management: rank state, process groups, and the control plane."""

@@ -1,0 +1,73 @@
+"""Rank state of this process, set once, plus the process-group init/cleanup pair.
+
+Rendezvous goes through a FileStore in a per-engine temporary directory, so two engines on one machine (two
+sweep jobs) never collide on a port.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Multicast (NVLS / multimem) must stay off on the shared GPU hosts; children inherit these.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+_INFO = ParallelInfo()
+
+
+def get_parallel_info() -> ParallelInfo:
+    return _INFO
+
+
+def tp_rank() -> int:
+    return _INFO.rank
+
+
+def tp_size() -> int:
+    return _INFO.world_size
+
+
+def init_distributed(rank: int, world_size: int, device: str, init_file: str | None,
+                     timeout_s: float = 600.0) -> ParallelInfo:
+    """Set this process's rank and, when world_size > 1, join the process group (nccl on cuda, gloo on cpu)."""
+    global _INFO
+    for k, v in SAFE_ENV.items():
+        os.environ[k] = v
+    dev = f"cuda:{rank}" if device.startswith("cuda") else "cpu"
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(rank)
+    if world_size > 1:
+        backend = "nccl" if dev.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=torch.device(dev) if dev.startswith("cuda") else None)
+    _INFO = ParallelInfo(rank, world_size, dev)
+    return _INFO
+
+
+def destroy_distributed() -> None:
+    global _INFO
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a peer may already be gone; nothing left to synchronise with
+            log.debug("destroy_process_group: %s", e)
+    _INFO = ParallelInfo()

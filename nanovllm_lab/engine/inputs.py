@@ -1,0 +1,90 @@
+"""Step inputs: the tensors one forward pass needs, built on rank 0 from the scheduled sequences.
+
+A `StepInput` holds host tensors only, so it pickles cheaply to the worker ranks, which move it to their
+own device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm_lab.engine.sequence import Sequence
+from nanovllm_lab.utils.context import AttentionContext
+
+
+@dataclass
+class StepInput:
+    is_prefill: bool
+    input_ids: torch.Tensor        # [T] int64
+    positions: torch.Tensor        # [T] int64
+    slot_mapping: torch.Tensor     # [T] int32
+    temperatures: torch.Tensor     # [S] float32
+    cu_seqlens_q: list[int]        # prefill only
+    cu_seqlens_k: list[int]
+    context_lens: torch.Tensor | None   # decode: [S] int32
+    block_tables: torch.Tensor | None   # [S, max_blocks] int32, -1 padded; None for prefill with no cached context
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.temperatures.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to_context(self, device: torch.device) -> AttentionContext:
+        def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        if self.is_prefill:
+            cq, ck = self.cu_seqlens_q, self.cu_seqlens_k
+            return AttentionContext(
+                is_prefill=True,
+                cu_seqlens_q=torch.tensor(cq, dtype=torch.int32, device=device),
+                cu_seqlens_k=torch.tensor(ck, dtype=torch.int32, device=device),
+                max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
+                max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
+                slot_mapping=dev(self.slot_mapping), block_tables=dev(self.block_tables),
+                cu_seqlens_q_host=list(cq), cu_seqlens_k_host=list(ck))
+        return AttentionContext(is_prefill=False, slot_mapping=dev(self.slot_mapping),
+                                context_lens=dev(self.context_lens), block_tables=dev(self.block_tables))
+
+
+def _block_tables(seqs: list[Sequence]) -> torch.Tensor:
+    width = max(len(s.block_table) for s in seqs)
+    return torch.tensor([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+
+
+def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
+    return [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def prepare_prefill(seqs: list[Sequence], block_size: int) -> StepInput:
+    ids, pos, slots, cq, ck = [], [], [], [0], [0]
+    has_context = False
+    for s in seqs:
+        start, end = s.num_cached_tokens, s.num_cached_tokens + s.num_scheduled_tokens
+        ids += s.token_ids[start:end]
+        pos += range(start, end)
+        slots += _slots(s, start, end, block_size)
+        cq.append(cq[-1] + end - start)
+        ck.append(ck[-1] + end)
+        has_context |= start > 0
+    return StepInput(
+        is_prefill=True, input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.tensor(pos, dtype=torch.int64), slot_mapping=torch.tensor(slots, dtype=torch.int32),
+        temperatures=torch.tensor([s.temperature for s in seqs], dtype=torch.float32),
+        cu_seqlens_q=cq, cu_seqlens_k=ck, context_lens=None,
+        block_tables=_block_tables(seqs) if has_context else None)
+
+
+def prepare_decode(seqs: list[Sequence], block_size: int) -> StepInput:
+    n = [s.num_tokens for s in seqs]
+    return StepInput(
+        is_prefill=False, input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.int64),
+        positions=torch.tensor([x - 1 for x in n], dtype=torch.int64),
+        slot_mapping=torch.tensor([_slots(s, x - 1, x, block_size)[0] for s, x in zip(seqs, n)], dtype=torch.int32),
+        temperatures=torch.tensor([s.temperature for s in seqs], dtype=torch.float32),
+        cu_seqlens_q=[], cu_seqlens_k=[], context_lens=torch.tensor(n, dtype=torch.int32),
+        block_tables=_block_tables(seqs))

@@ -1,0 +1,191 @@
+"""The model runner: one per tensor-parallel rank. Builds the model shard, sizes and binds the KV cache,
+runs forward passes (eagerly or through captured CUDA graphs) and samples on rank 0.
+
+Device-agnostic: on cuda the KV cache is sized from the free-memory budget, on cpu from
+`num_kvcache_blocks` or `cpu_kvcache_bytes`. Rank 0 calls `run(step)`; worker ranks receive the same
+calls through the control plane.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from nanovllm_lab.attention.base import get_backend
+from nanovllm_lab.comm import build_strategy, set_comm
+from nanovllm_lab.config import Config
+from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
+from nanovllm_lab.engine.inputs import StepInput
+from nanovllm_lab.layers.attention import Attention
+from nanovllm_lab.layers.sampler import Sampler
+from nanovllm_lab.models.qwen3 import Qwen3ForCausalLM, checkpoint_shapes
+from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
+from nanovllm_lab.utils.loader import load_dummy, load_safetensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One forward step as the timing hooks see it (latency: device events on cuda, monotonic clock on cpu)."""
+
+    phase: str          # "prefill" or "decode"
+    num_seqs: int
+    num_tokens: int
+    latency_s: float
+    cuda_graph: bool
+
+
+class ModelRunner:
+    def __init__(self, config: Config, rank: int = 0, init_file: str | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        arch = config.arch
+        self.info = init_distributed(rank, config.tensor_parallel_size, config.device, init_file)
+        self.device = torch.device(self.info.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.kvcache_block_size
+        self.strategy = build_strategy(config.strategy, self.info)
+        set_comm(self.strategy)
+        torch.manual_seed(config.seed)
+        prev_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(arch)
+        finally:
+            torch.set_default_dtype(prev_dtype)
+        shapes = checkpoint_shapes(arch)
+        if config.load_format == "dummy":
+            load_dummy(self.model, shapes, config.seed, self.device)
+        else:
+            load_safetensors(self.model, arch.path, list(shapes))
+        self.model.eval()
+        self.backend = get_backend(config.attention_backend)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.strategy.prepare(config.max_num_batched_tokens, arch.hidden_size, self.dtype)
+        self.step_hooks: list[Callable[[StepRecord], None]] = []
+        self.num_kvcache_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from nanovllm_lab.engine.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self)
+
+    # -- KV cache ------------------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        a, tp = self.config.arch, self.config.tensor_parallel_size
+        return 2 * a.num_hidden_layers * self.block_size * (a.num_key_value_heads // tp) * a.head_dim * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """A full-size prefill without a cache, so the activation peak is known before the cache is sized."""
+        c = self.config
+        n = min(c.max_num_batched_tokens, c.max_model_len * c.max_num_seqs)
+        seq_len = min(n, c.max_model_len)
+        lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
+        cu = [0]
+        for x in lens:
+            cu.append(cu[-1] + x)
+        step = StepInput(True, torch.zeros(n, dtype=torch.int64), torch.cat([torch.arange(x) for x in lens]),
+                         torch.full((n,), -1, dtype=torch.int32), torch.zeros(len(lens)), cu, cu, None, None)
+        self._forward(step)
+        torch.cuda.synchronize(self.device)
+
+    def _allocate_kv_cache(self) -> int:
+        c, a = self.config, self.config.arch
+        block_bytes = self._block_bytes()
+        if c.num_kvcache_blocks > 0:
+            num_blocks = c.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._warmup()
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+            budget = total * c.gpu_memory_utilization - (total - free) - (peak - current)
+            num_blocks = int(budget) // block_bytes
+        else:
+            num_blocks = c.cpu_kvcache_bytes // block_bytes
+        if self.info.world_size > 1:  # every rank must agree on the block count
+            t = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num_blocks = int(t.item())
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache on {self.device} "
+                               f"(gpu_memory_utilization={c.gpu_memory_utilization})")
+        kv_heads = a.num_key_value_heads // c.tensor_parallel_size
+        self.kv_cache = torch.zeros(2, a.num_hidden_layers, num_blocks, self.block_size, kv_heads, a.head_dim,
+                                    dtype=self.dtype, device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for i, m in enumerate(layers):
+            m.k_cache, m.v_cache, m.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, self.block_size,
+                 num_blocks * block_bytes / 2**20, self.device)
+        return num_blocks
+
+    # -- forward -------------------------------------------------------------------------------------
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        """Hidden states of this step's tokens (eager), with the attention context installed."""
+        set_context(step.to_context(self.device))
+        try:
+            ids = step.input_ids.to(self.device, non_blocking=True)
+            pos = step.positions.to(self.device, non_blocking=True)
+            return self.model(ids, pos)
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> list[int] | None:
+        """Run one step on this rank; rank 0 returns the sampled token of each sequence."""
+        timer = _Timer(self.device)
+        use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
+        if use_graph:
+            hidden = self.graphs.replay(step)
+            set_context(AttentionContext(is_prefill=False))
+        else:
+            hidden = self._forward(step)
+            set_context(step.to_context(self.device))  # the LM head picks last tokens from cu_seqlens
+        try:
+            logits = self.model.compute_logits(hidden)
+        finally:
+            reset_context()
+        tokens = None
+        if self.rank == 0:
+            temps = step.temperatures.to(self.device, non_blocking=True)
+            tokens = self.sampler(logits, temps, self.generator).tolist()
+            rec = StepRecord("prefill" if step.is_prefill else "decode", step.num_seqs, step.num_tokens,
+                             timer.elapsed(), use_graph)
+            for hook in self.step_hooks:
+                hook(rec)
+        return tokens
+
+    def shutdown(self) -> None:
+        self.graphs = None
+        self.strategy.close()
+        set_comm(None)
+        destroy_distributed()
+
+
+class _Timer:
+    """Device events on cuda, a monotonic clock on cpu."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.t0

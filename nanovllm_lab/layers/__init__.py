@@ -1,0 +1,1 @@
+"""Operator layer: tensor-parallel linears, embeddings, attention, RoPE, norms, activation, sampler."""

@@ -1,0 +1,129 @@
+"""Qwen3 built from tensor-parallel layers.
+
+Per-head q/k RMSNorm, grouped-query attention, RoPE, SiLU-gated MLP, pre-norm blocks with the residual add
+fused into the norms, tied or untied LM head. The decoder-layer loop is delegated to the communication
+strategy (`get_comm().run_layers`), which may interleave micro-batches.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanovllm_lab.comm import get_comm
+from nanovllm_lab.distributed.parallel import tp_size
+from nanovllm_lab.layers.activation import SiluAndMul
+from nanovllm_lab.layers.attention import Attention
+from nanovllm_lab.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm_lab.layers.layernorm import RMSNorm
+from nanovllm_lab.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+from nanovllm_lab.models.arch import ModelArch
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, a: ModelArch) -> None:
+        super().__init__()
+        tp = tp_size()
+        self.num_heads, self.num_kv_heads = a.num_attention_heads // tp, a.num_key_value_heads // tp
+        self.head_dim = a.head_dim
+        self.q_size, self.kv_size = self.num_heads * a.head_dim, self.num_kv_heads * a.head_dim
+        self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_attention_heads,
+                                          a.num_key_value_heads, bias=a.attention_bias)
+        self.o_proj = RowParallelLinear(a.num_attention_heads * a.head_dim, a.hidden_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope_theta)
+        self.attn = Attention(self.num_heads, a.head_dim, a.head_dim ** -0.5, self.num_kv_heads)
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, a: ModelArch) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, bias=False)
+        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArch) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(a)
+        self.mlp = Qwen3MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, a: ModelArch) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(a) for _ in range(a.num_hidden_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        hidden, residual = get_comm().run_layers(self.layers, positions, hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, a: ModelArch) -> None:
+        super().__init__()
+        self.arch = a
+        self.model = Qwen3Model(a)
+        self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
+        if a.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)
+
+
+def checkpoint_shapes(a: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face Qwen3 checkpoint of this architecture holds, with its full shape."""
+    h, d = a.hidden_size, a.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, h), "model.norm.weight": (h,)}
+    if not a.tie_word_embeddings:
+        shapes["lm_head.weight"] = (a.vocab_size, h)
+    for i in range(a.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (a.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (a.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (a.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, a.num_attention_heads * d),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (a.intermediate_size, h), p + "mlp.up_proj.weight": (a.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, a.intermediate_size),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes

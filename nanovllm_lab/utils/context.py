@@ -1,0 +1,90 @@
+"""Per-step attention metadata shared by all attention layers of one forward pass.
+
+The model runner builds an `AttentionContext` for each step (or each micro-batch, when a communication
+strategy splits the batch) and installs it with `set_context`; attention layers read it with `get_context`.
+A process-wide slot keeps layer signatures free of metadata, as in nano-vLLM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class AttentionContext:
+    """Metadata describing where each token's K/V goes and what it attends to.
+
+    Prefill (variable-length, causal): the query tokens of sequence i are rows
+    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`; sequence i attends over `cu_seqlens_k[i+1]-cu_seqlens_k[i]`
+    keys, the last `q_len` of which are the new tokens. When `block_tables` is set, earlier keys
+    (prefix-cache hits, earlier chunks) are read from the paged cache.
+    Decode: one query token per sequence; `context_lens[i]` keys, all in the paged cache.
+    `slot_mapping[t]` is the flat cache slot of token t (-1: a padding token whose K/V is dropped).
+    """
+
+    is_prefill: bool = False
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    slot_mapping: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    # Host copies of the prefill boundaries, so reference code can loop without device syncs.
+    cu_seqlens_q_host: list[int] = field(default_factory=list)
+    cu_seqlens_k_host: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        if self.is_prefill:
+            return len(self.cu_seqlens_q_host) - 1
+        return 0 if self.context_lens is None else int(self.context_lens.shape[0])
+
+    def slice_seqs(self, start: int, end: int) -> "AttentionContext":
+        """The context of sequences [start, end) alone, for micro-batching (token rows renumbered from 0)."""
+        if self.is_prefill:
+            q0, k0 = self.cu_seqlens_q_host[start], self.cu_seqlens_k_host[start]
+            cq = [x - q0 for x in self.cu_seqlens_q_host[start:end + 1]]
+            ck = [x - k0 for x in self.cu_seqlens_k_host[start:end + 1]]
+            q1 = self.cu_seqlens_q_host[end]
+            return replace(
+                self,
+                cu_seqlens_q=self.cu_seqlens_q[start:end + 1] - q0,
+                cu_seqlens_k=self.cu_seqlens_k[start:end + 1] - k0,
+                max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
+                max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
+                slot_mapping=self.slot_mapping[q0:q1],
+                context_lens=None if self.context_lens is None else self.context_lens[start:end],
+                block_tables=None if self.block_tables is None else self.block_tables[start:end],
+                cu_seqlens_q_host=cq,
+                cu_seqlens_k_host=ck,
+            )
+        return replace(
+            self,
+            slot_mapping=self.slot_mapping[start:end],
+            context_lens=self.context_lens[start:end],
+            block_tables=self.block_tables[start:end],
+        )
+
+    def token_range(self, start: int, end: int) -> tuple[int, int]:
+        """Token rows covered by sequences [start, end)."""
+        if self.is_prefill:
+            return self.cu_seqlens_q_host[start], self.cu_seqlens_q_host[end]
+        return start, end
+
+
+_CONTEXT = AttentionContext()
+
+
+def set_context(ctx: AttentionContext) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> AttentionContext:
+    return _CONTEXT
+
+
+def reset_context() -> None:
+    set_context(AttentionContext())
