@@ -46,35 +46,40 @@ class ModelRunner:
         self.rank = rank
         arch = config.arch
         self.info = init_distributed(rank, config.tensor_parallel_size, config.device, init_file)
-        self.device = torch.device(self.info.device)
-        self.dtype = config.torch_dtype
-        self.block_size = config.kvcache_block_size
-        self.strategy = build_strategy(config.strategy, self.info)
-        set_comm(self.strategy)
-        torch.manual_seed(config.seed)
-        prev_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(arch)
-        finally:
-            torch.set_default_dtype(prev_dtype)
-        shapes = checkpoint_shapes(arch)
-        if config.load_format == "dummy":
-            load_dummy(self.model, shapes, config.seed, self.device)
-        else:
-            load_safetensors(self.model, arch.path, list(shapes))
-        self.model.eval()
-        self.backend = get_backend(config.attention_backend)
-        self.sampler = Sampler()
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.strategy.prepare(config.max_num_batched_tokens, arch.hidden_size, self.dtype)
-        self.step_hooks: list[Callable[[StepRecord], None]] = []
-        self.num_kvcache_blocks = self._allocate_kv_cache()
-        self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            from nanovllm_lab.engine.cuda_graph import DecodeGraphs
-            self.graphs = DecodeGraphs(self)
+            self.device = torch.device(self.info.device)
+            self.dtype = config.torch_dtype
+            self.block_size = config.kvcache_block_size
+            self.strategy = build_strategy(config.strategy, self.info)
+            set_comm(self.strategy)
+            torch.manual_seed(config.seed)
+            prev_dtype = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                with torch.device(self.device):
+                    self.model = Qwen3ForCausalLM(arch)
+            finally:
+                torch.set_default_dtype(prev_dtype)
+            shapes = checkpoint_shapes(arch)
+            if config.load_format == "dummy":
+                load_dummy(self.model, shapes, config.seed, self.device)
+            else:
+                load_safetensors(self.model, arch.path, list(shapes))
+            self.model.eval()
+            self.backend = get_backend(config.attention_backend)
+            self.sampler = Sampler()
+            self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+            self.strategy.prepare(config.max_num_batched_tokens, arch.hidden_size, self.dtype)
+            self.step_hooks: list[Callable[[StepRecord], None]] = []
+            self.logits_log: list[torch.Tensor] | None = None  # set to [] to keep each step's logits (tests, analysis)
+            self.num_kvcache_blocks = self._allocate_kv_cache()
+            self.graphs = None
+            if self.device.type == "cuda" and not config.enforce_eager:
+                from nanovllm_lab.engine.cuda_graph import DecodeGraphs
+                self.graphs = DecodeGraphs(self)
+        except BaseException:
+            self.shutdown()  # leave no half-initialised process group behind
+            raise
 
     # -- KV cache ------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -159,6 +164,8 @@ class ModelRunner:
         if self.rank == 0:
             temps = step.temperatures.to(self.device, non_blocking=True)
             tokens = self.sampler(logits, temps, self.generator).tolist()
+            if self.logits_log is not None:
+                self.logits_log.append(logits.float().cpu())
             rec = StepRecord("prefill" if step.is_prefill else "decode", step.num_seqs, step.num_tokens,
                              timer.elapsed(), use_graph)
             for hook in self.step_hooks:
@@ -167,7 +174,8 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.graphs = None
-        self.strategy.close()
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
         set_comm(None)
         destroy_distributed()
 

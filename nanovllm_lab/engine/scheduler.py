@@ -33,7 +33,8 @@ class Scheduler:
         """The sequences of the next step and whether it is a prefill step."""
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
+        # Sequences whose prefill completes join `running` at once, so `running` counts them too.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
                 if not self.block_manager.can_allocate(seq):

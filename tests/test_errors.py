@@ -1,0 +1,138 @@
+"""Bad input: each a clear error naming the problem; the engine stays usable; no process is left behind."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from nanovllm_lab import LLM, SamplingParams
+
+SP = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    with LLM(qwen3_dir, kvcache_block_size=16, num_kvcache_blocks=16, max_model_len=64) as engine:
+        yield engine
+
+
+def test_request_errors_leave_engine_usable(llm):
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([[]], SP, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([""], SP, use_tqdm=False)
+    with pytest.raises(ValueError, match="exceeds max_model_len=64"):
+        llm.generate([[1] * 62], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(ValueError, match="token id 320 is outside the vocabulary"):
+        llm.generate([[1, 320]], SP, use_tqdm=False)
+    with pytest.raises(ValueError, match="token id -1"):
+        llm.generate([[-1]], SP, use_tqdm=False)
+    assert llm.is_finished()  # nothing half-queued
+    assert len(llm.generate([[1, 2, 3]], SP, use_tqdm=False)[0]["token_ids"]) == 4
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-0.1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_unknown_kwarg_names_it(qwen3_dir):
+    with pytest.raises(TypeError, match="'max_num_seq'"):
+        LLM(qwen3_dir, max_num_seq=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tensor_parallel_size": 3}, "must divide the attention heads"),
+    ({"tensor_parallel_size": 64}, "must divide|exceeds"),
+    ({"max_num_seqs": 0}, "Config.max_num_seqs"),
+    ({"gpu_memory_utilization": 1.5}, "Config.gpu_memory_utilization"),
+    ({"dtype": "float8"}, "Config.dtype"),
+    ({"load_format": "pt"}, "Config.load_format"),
+    ({"attention_backend": "nope"}, "unknown attention backend 'nope'; valid: flash_attn, torch, triton"),
+    ({"strategy": "nope"}, "unknown strategy 'nope'; valid: .*blocking"),
+])
+def test_config_errors(qwen3_dir, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LLM(qwen3_dir, **kwargs)
+
+
+def test_tp_above_available_devices():
+    with pytest.raises(ValueError, match="exceeds the .* CPU cores available"):
+        LLM("tiny", tensor_parallel_size=(os.cpu_count() or 1) * 2 if (os.cpu_count() or 1) * 2 <= 4 else 8)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a built-in"):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_truncated_safetensors(qwen3_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen3_dir, bad)
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        LLM(str(bad))
+
+
+def test_missing_tensor_named(qwen3_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "missing"
+    shutil.copytree(qwen3_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensor.*model.layers.1.mlp.up_proj.weight"):
+        LLM(str(bad))
+
+
+def test_misshaped_tensor_named(qwen3_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "shape"
+    shutil.copytree(qwen3_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"][:, :8].contiguous()
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.weight"):
+        LLM(str(bad))
+
+
+def test_tp_errors_leave_no_process(qwen3_dir, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(qwen3_dir, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        LLM(str(bad), tensor_parallel_size=2)
+    time.sleep(0.2)
+    assert mp.active_children() == []
+
+
+def test_worker_death_raises_naming_rank(qwen3_dir):
+    llm = LLM(qwen3_dir, tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=16)
+    try:
+        assert llm.generate([[1, 2, 3]], SP, use_tqdm=False)
+        worker = llm.control.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(5)
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1"):
+            llm.generate([[1, 2, 3]], SP, use_tqdm=False)
+        assert time.monotonic() - t < 10
+    finally:
+        llm.exit()
+    assert mp.active_children() == []
+
+
+def test_exit_leaves_no_worker(qwen3_dir):
+    with LLM(qwen3_dir, tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=16) as llm:
+        procs = list(llm.control.procs)
+        assert all(p.is_alive() for p in procs)
+    assert not any(p.is_alive() for p in procs)
