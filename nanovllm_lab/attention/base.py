@@ -2,7 +2,9 @@
 
 Cache layout (all backends): per layer `k_cache`, `v_cache` of shape
 [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives in slot
-`block_table[t // block_size] * block_size + t % block_size` of the flattened cache.
+`block_table[t // block_size] * block_size + t % block_size` of the flattened cache. The cache has one block
+more than the block manager hands out: a scratch block that padding tokens (slot -1) may write to, so that
+backends can drop them without a data-dependent branch.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ class AttentionBackend:
     """
 
     name = "base"
+    # Decode batches above this are not captured in CUDA graphs (the torch backend's gather grows with batch x
+    # max_model_len inside the graph pool, which the KV-cache sizing does not see).
+    max_graph_batch = 1 << 30
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

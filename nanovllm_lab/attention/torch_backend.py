@@ -14,11 +14,10 @@ from nanovllm_lab.utils.context import AttentionContext
 
 def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
-    """Write each token's K/V to its slot; slots of -1 (padding) are skipped."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping.long()
-    if not bool(keep.all()):
-        slots, k, v = slots[keep], k[keep], v[keep]
+    """Write each token's K/V to its slot. Padding tokens (slot -1) go to the cache's last slot, which lies in
+    the scratch block that the block manager never hands out; no host sync, so this is graph-capturable."""
+    scratch = k_cache.shape[0] * k_cache.shape[1] - 1
+    slots = torch.where(slot_mapping >= 0, slot_mapping, scratch).long()
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
@@ -33,15 +32,13 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.T
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
     """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], boolean mask broadcastable to [B, Hq, Lq, Lk] (True = attend)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    max_graph_batch = 64
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)

@@ -35,7 +35,7 @@ class DecodeGraphs:
     def __init__(self, runner: "ModelRunner") -> None:
         c = runner.config
         self.runner = runner
-        self.sizes = graph_batch_sizes(min(c.max_num_seqs, 512))
+        self.sizes = graph_batch_sizes(min(c.max_num_seqs, 512, runner.backend.max_graph_batch))
         n = self.sizes[-1]
         dev = runner.device
         self.max_blocks = (c.max_model_len + runner.block_size - 1) // runner.block_size

@@ -67,6 +67,9 @@ class ModelRunner:
                 load_safetensors(self.model, arch.path, list(shapes))
             self.model.eval()
             self.backend = get_backend(config.attention_backend)
+            self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+            for m in self.attn_layers:
+                m.backend = self.backend
             self.sampler = Sampler()
             self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
             self.strategy.prepare(config.max_num_batched_tokens, arch.hidden_size, self.dtype)
@@ -114,9 +117,9 @@ class ModelRunner:
             stats = torch.cuda.memory_stats(self.device)
             peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
             budget = total * c.gpu_memory_utilization - (total - free) - (peak - current)
-            num_blocks = int(budget) // block_bytes
+            num_blocks = int(budget) // block_bytes - 1
         else:
-            num_blocks = c.cpu_kvcache_bytes // block_bytes
+            num_blocks = c.cpu_kvcache_bytes // block_bytes - 1
         if self.info.world_size > 1:  # every rank must agree on the block count
             t = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -125,11 +128,11 @@ class ModelRunner:
             raise RuntimeError(f"no memory left for the KV cache on {self.device} "
                                f"(gpu_memory_utilization={c.gpu_memory_utilization})")
         kv_heads = a.num_key_value_heads // c.tensor_parallel_size
-        self.kv_cache = torch.zeros(2, a.num_hidden_layers, num_blocks, self.block_size, kv_heads, a.head_dim,
+        # One scratch block beyond what the scheduler sees: padding tokens write there (attention/base.py).
+        self.kv_cache = torch.zeros(2, a.num_hidden_layers, num_blocks + 1, self.block_size, kv_heads, a.head_dim,
                                     dtype=self.dtype, device=self.device)
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for i, m in enumerate(layers):
-            m.k_cache, m.v_cache, m.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
+        for i, m in enumerate(self.attn_layers):
+            m.k_cache, m.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, self.block_size,
                  num_blocks * block_bytes / 2**20, self.device)
         return num_blocks
