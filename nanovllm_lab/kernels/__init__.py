@@ -1,0 +1,6 @@
+"""Triton kernels subpackage: paged KV-cache store, paged decode attention and varlen prefill attention.
+
+Modules import triton at import time, so import them only where triton is available (the `triton` attention
+backend does so lazily). On CPU they run under the Triton interpreter (`TRITON_INTERPRET=1`), which is how
+the unit tests exercise them without a GPU.
+"""

@@ -1,0 +1,161 @@
+"""Triton attention kernels on a CUDA GPU in bfloat16, against the plain-PyTorch backend (fp32 reference).
+
+Skipped without CUDA. Checks the relative error ||out - ref|| / ||ref|| <= 1e-2 for decode and prefill (with
+and without cached context), block sizes 16 and 256, head dims 64 and 128, and that decode can be captured
+in a CUDA graph whose replay matches eager execution, also after the inputs change in place.
+"""
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from nanovllm_lab.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from nanovllm_lab.kernels import decode_attention as _dec  # noqa: E402
+from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from nanovllm_lab.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from nanovllm_lab.utils.context import AttentionContext  # noqa: E402
+
+if isinstance(_dec._decode_partial_kernel, InterpretedFunction):
+    pytest.skip("kernels were imported under TRITON_INTERPRET=1; run this file on its own", allow_module_level=True)
+
+DEV = "cuda"
+REF = TorchAttentionBackend()
+BF16 = torch.bfloat16
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _layout(lens: list[int], block_size: int, g: torch.Generator, extra_cols: int = 2):
+    need = [triton.cdiv(n, block_size) for n in lens]
+    nb = sum(need) + 3
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.full((len(lens), max(need) + extra_cols), -1, dtype=torch.int32)
+    i = 0
+    for s, n in enumerate(need):
+        bt[s, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    return bt.to(DEV), nb
+
+
+def _cache(nb, bs, hkv, d, g):
+    return (torch.randn((nb, bs, hkv, d), generator=g).to(DEV, BF16),
+            torch.randn((nb, bs, hkv, d), generator=g).to(DEV, BF16))
+
+
+def _prefill_ctx(q_lens, k_lens, bt=None) -> AttentionContext:
+    cq, ck = [0], [0]
+    for a, b in zip(q_lens, k_lens):
+        cq.append(cq[-1] + a)
+        ck.append(ck[-1] + b)
+    return AttentionContext(
+        is_prefill=True, cu_seqlens_q=torch.tensor(cq, dtype=torch.int32, device=DEV),
+        cu_seqlens_k=torch.tensor(ck, dtype=torch.int32, device=DEV), max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(k_lens), block_tables=bt, cu_seqlens_q_host=cq, cu_seqlens_k_host=ck)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [1, 7, None])
+def test_decode_bf16(head_dim, block_size, group, num_splits):
+    g = torch.Generator().manual_seed(head_dim + block_size + group)
+    hkv = 4
+    lens = [1, 15, 16, 17, 255, 257, 1000, 3000]
+    bt, nb = _layout(lens, block_size, g)
+    kc, vc = _cache(nb, block_size, hkv, head_dim, g)
+    q = torch.randn((len(lens), hkv * group, head_dim), generator=g).to(DEV, BF16)
+    ctx_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = 1 / math.sqrt(head_dim)
+    out = paged_decode_attention(q, kc, vc, bt, ctx_lens, scale, num_splits=num_splits)
+    ctx = AttentionContext(block_tables=bt, context_lens=ctx_lens)
+    ref = REF.decode(q.float(), kc.float(), vc.float(), ctx, scale)
+    assert _rel(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("use_varlen", [False, True])
+def test_prefill_no_cache_bf16(head_dim, group, use_varlen):
+    g = torch.Generator().manual_seed(head_dim + group)
+    hkv = 4
+    lens = [1, 100, 128, 129, 700]
+    n = sum(lens)
+    q = torch.randn((n, hkv * group, head_dim), generator=g).to(DEV, BF16)
+    k = torch.randn((n, hkv, head_dim), generator=g).to(DEV, BF16)
+    v = torch.randn((n, hkv, head_dim), generator=g).to(DEV, BF16)
+    ctx = _prefill_ctx(lens, lens)
+    empty = torch.empty(0, device=DEV, dtype=BF16)
+    scale = 1 / math.sqrt(head_dim)
+    out = TritonAttentionBackend(use_torch_varlen=use_varlen).prefill(q, k, v, empty, empty, ctx, scale)
+    ref = REF.prefill(q.float(), k.float(), v.float(), empty, empty, ctx, scale)
+    assert _rel(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_cached_bf16(head_dim, block_size, group):
+    g = torch.Generator().manual_seed(head_dim + block_size + group)
+    hkv = 4
+    q_lens, k_lens = [1, 200, 64, 300], [500, 200, 1000, 301]
+    bt, nb = _layout(k_lens, block_size, g)
+    kc, vc = _cache(nb, block_size, hkv, head_dim, g)  # the new tokens' K/V are assumed already stored
+    nq = sum(q_lens)
+    q = torch.randn((nq, hkv * group, head_dim), generator=g).to(DEV, BF16)
+    k = torch.randn((nq, hkv, head_dim), generator=g).to(DEV, BF16)  # unused on the paged path
+    ctx = _prefill_ctx(q_lens, k_lens, bt)
+    scale = 1 / math.sqrt(head_dim)
+    out = TritonAttentionBackend().prefill(q, k, k, kc, vc, ctx, scale)
+    ref = REF.prefill(q.float(), k.float(), k.float(), kc.float(), vc.float(), ctx, scale)
+    assert _rel(out, ref) <= 1e-2
+    # The backend is a thin wrapper: calling the kernel directly gives the same bits.
+    out2 = paged_prefill_attention(q, k, k, kc, vc, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                   ctx.max_seqlen_k, bt, scale)
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_decode_cuda_graph_replay_matches_eager(num_splits):
+    g = torch.Generator().manual_seed(5)
+    bs, hkv, hq, d = 16, 4, 16, 128
+    lens = [3, 40, 700, 1200, 1]
+    bt, nb = _layout(lens, bs, g)
+    bt[4] = -1  # a padding row exactly as the graph runner fills it: context_len 1, block table all -1
+    kc, vc = _cache(nb, bs, hkv, d, g)
+    q = torch.randn((len(lens), hq, d), generator=g).to(DEV, BF16)
+    ctx_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+
+    def step():
+        paged_decode_attention(q, kc, vc, bt, ctx_lens, 0.1, out=out, num_splits=num_splits)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles the kernels) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(2):
+        if trial:  # new inputs in place: shorter/longer contexts and fresh queries
+            ctx_lens.copy_(torch.tensor([1, 45, 16, 1190, 1], dtype=torch.int32))  # within each allocation
+            q.copy_(torch.randn(q.shape, generator=g).to(BF16))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = paged_decode_attention(q, kc, vc, bt, ctx_lens, 0.1, num_splits=num_splits)
+        assert torch.equal(out, eager)

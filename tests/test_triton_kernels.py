@@ -1,0 +1,218 @@
+"""Triton attention kernels vs the plain-PyTorch reference backend, on CPU under the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton (or any kernel module) is imported, because `@triton.jit`
+decides at decoration time whether a kernel is compiled or interpreted. Shapes are small: the interpreter
+runs every program in Python/numpy.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from nanovllm_lab.attention.torch_backend import TorchAttentionBackend, store_kvcache_torch  # noqa: E402
+from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from nanovllm_lab.kernels import store_kv as _store_mod  # noqa: E402
+from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from nanovllm_lab.kernels.store_kv import store_kvcache  # noqa: E402
+from nanovllm_lab.utils.context import AttentionContext  # noqa: E402
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(_store_mod._store_kvcache_kernel, InterpretedFunction):
+    pytest.skip("kernel modules were imported before TRITON_INTERPRET=1 was set; run this file on its own",
+                allow_module_level=True)
+
+REF = TorchAttentionBackend()
+TRI = TritonAttentionBackend()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, dtype, g) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == dtype
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:
+        assert (out - ref).abs().max().item() <= 1e-4
+    else:
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel <= 2e-2, rel
+        assert (out - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item())
+
+
+def _paged_layout(lens: list[int], block_size: int, g, extra_cols: int = 1):
+    """Random (shuffled) block assignment: block_tables [B, max_blocks] int32 padded with -1, and num_blocks."""
+    need = [triton.cdiv(n, block_size) for n in lens]
+    num_blocks = sum(need) + 2  # a couple of spare blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need) + extra_cols  # extra -1 columns: grids must not depend on the real lengths
+    bt = torch.full((len(lens), width), -1, dtype=torch.int32)
+    i = 0
+    for s, n in enumerate(need):
+        bt[s, :n] = torch.tensor(perm[i:i + n], dtype=torch.int32)
+        i += n
+    return bt, num_blocks
+
+
+def _slots(bt_row: torch.Tensor, positions: range, block_size: int) -> list[int]:
+    return [int(bt_row[p // block_size]) * block_size + p % block_size for p in positions]
+
+
+# ----------------------------------------------------------------------------------------------------- store
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_store_kvcache_skips_padding(dtype, block_size):
+    g = _gen(1)
+    n, hkv, d, num_blocks = 11, 2, 24, 3
+    k, v = _randn((n, hkv, d), dtype, g), _randn((n, hkv, d), dtype, g)
+    # The last block is the scratch block (never handed out); real slots come from the others.
+    slots = torch.randperm((num_blocks - 1) * block_size, generator=g)[:n].to(torch.int32)
+    slots[[0, 4, 10]] = -1
+    kc = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    store_kvcache(k, v, kc, vc, slots)
+    # Reference: the torch store (which parks padding tokens in the scratch block's last slot).
+    kr, vr = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    store_kvcache_torch(k, v, kr, vr, slots)
+    real = slice(0, num_blocks - 1)
+    for out, ref in ((kc, kr), (vc, vr)):
+        assert torch.equal(torch.isnan(out[real]), torch.isnan(ref[real]))
+        assert torch.equal(out[real].nan_to_num(), ref[real].nan_to_num())
+        assert torch.isnan(out[-1]).all()  # padding tokens were dropped, not written anywhere
+    written = (slots >= 0).sum().item()
+    assert (~torch.isnan(kc.view(-1, hkv, d)[:, 0, 0])).sum().item() == written
+    assert (~torch.isnan(vc.view(-1, hkv, d)[:, 0, 0])).sum().item() == written
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+# Ragged, crossing block boundaries, and long enough that forced splits each get work (64-key tiles).
+DECODE_LENS = {16: [1, 16, 17, 50, 200, 33], 256: [1, 255, 257, 40, 700]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_decode_matches_torch(dtype, group, block_size, num_splits):
+    g = _gen(hash((str(dtype), group, block_size, num_splits)) % 2**31)
+    hkv, d = 2, 32
+    hq = hkv * group
+    lens = DECODE_LENS[block_size]
+    bt, num_blocks = _paged_layout(lens, block_size, g)
+    kc = _randn((num_blocks, block_size, hkv, d), dtype, g)
+    vc = _randn((num_blocks, block_size, hkv, d), dtype, g)
+    q = _randn((len(lens), hkv * group, d), dtype, g)
+    ctx_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, kc, vc, bt, ctx_lens, scale, out=out, num_splits=num_splits)
+    ctx = AttentionContext(block_tables=bt, context_lens=ctx_lens)
+    ref = REF.decode(q.float(), kc.float(), vc.float(), ctx, scale)
+    _check(out, ref, dtype)
+    assert out.shape == (len(lens), hq, d)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_decode_small_and_odd_head_dims(head_dim):
+    g = _gen(7 + head_dim)
+    lens, bs = [3, 20], 16
+    bt, nb = _paged_layout(lens, bs, g)
+    kc, vc = _randn((nb, bs, 1, head_dim), torch.float32, g), _randn((nb, bs, 1, head_dim), torch.float32, g)
+    q = _randn((2, 4, head_dim), torch.float32, g)
+    ctx = AttentionContext(block_tables=bt, context_lens=torch.tensor(lens, dtype=torch.int32))
+    out = TRI.decode(q, kc, vc, ctx, 0.3)
+    _check(out, REF.decode(q, kc, vc, ctx, 0.3), torch.float32)
+
+
+@pytest.mark.parametrize("pad_len", [0, 1])
+def test_decode_padding_rows(pad_len):
+    """CUDA-graph padding rows (block table all -1, context_len 1 as the graph runner fills it, or 0) must
+    neither fault nor disturb the real rows; a zero-length row yields zeros, not NaN."""
+    g = _gen(3 + pad_len)
+    bt, nb = _paged_layout([20, 1, 1], 16, g)
+    bt[1:] = -1
+    kc, vc = _randn((nb, 16, 2, 32), torch.float32, g), _randn((nb, 16, 2, 32), torch.float32, g)
+    q = _randn((3, 4, 32), torch.float32, g)
+    lens = torch.tensor([20, pad_len, pad_len], dtype=torch.int32)
+    for splits in (1, 2):
+        out = paged_decode_attention(q, kc, vc, bt, lens, 0.2, num_splits=splits)
+        assert torch.isfinite(out).all()
+        if pad_len == 0:
+            assert (out[1:] == 0).all()
+        ref = REF.decode(q[:1], kc, vc, AttentionContext(block_tables=bt[:1], context_lens=lens[:1]), 0.2)
+        _check(out[:1], ref, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------- prefill
+def _prefill_ctx(q_lens, k_lens, bt=None) -> AttentionContext:
+    cq = [0]
+    ck = [0]
+    for a, b in zip(q_lens, k_lens):
+        cq.append(cq[-1] + a)
+        ck.append(ck[-1] + b)
+    return AttentionContext(
+        is_prefill=True, cu_seqlens_q=torch.tensor(cq, dtype=torch.int32),
+        cu_seqlens_k=torch.tensor(ck, dtype=torch.int32), max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+        block_tables=bt, cu_seqlens_q_host=cq, cu_seqlens_k_host=ck)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_no_cache(dtype, group):
+    g = _gen(11 + group)
+    hkv, d = 2, 32
+    lens = [1, 7, 40, 70]
+    n = sum(lens)
+    q = _randn((n, hkv * group, d), dtype, g)
+    k, v = _randn((n, hkv, d), dtype, g), _randn((n, hkv, d), dtype, g)
+    ctx = _prefill_ctx(lens, lens)
+    empty = torch.empty(0, 16, hkv, d, dtype=dtype)  # warm-up style: no cache allocated
+    out = TRI.prefill(q, k, v, empty, empty, ctx, 1 / math.sqrt(d))
+    ref = REF.prefill(q.float(), k.float(), v.float(), empty, empty, ctx, 1 / math.sqrt(d))
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size,group,q_lens,k_lens", [
+    (16, 1, [5, 33, 1, 20], [40, 33, 17, 70]),  # prefix hits, a fresh sequence, a 1-token chunk
+    (16, 4, [3, 12], [3, 50]),
+    (256, 2, [1, 30, 45], [300, 30, 270]),       # contexts crossing a 256-token block boundary
+])
+def test_prefill_with_cached_context(dtype, block_size, group, q_lens, k_lens):
+    g = _gen(sum(k_lens) + block_size + group)
+    hkv, d = 2, 32
+    hq = hkv * group
+    bt, nb = _paged_layout(k_lens, block_size, g)
+    # The cache holds each sequence's earlier keys; everything else is poisoned.
+    kc = torch.full((nb, block_size, hkv, d), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    new_k, new_v, slots = [], [], []
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        ks, vs = _randn((kl, hkv, d), dtype, g), _randn((kl, hkv, d), dtype, g)
+        prefix = torch.tensor(_slots(bt[i], range(kl - ql), block_size), dtype=torch.long)
+        kc.view(-1, hkv, d)[prefix] = ks[:kl - ql]
+        vc.view(-1, hkv, d)[prefix] = vs[:kl - ql]
+        new_k.append(ks[kl - ql:])
+        new_v.append(vs[kl - ql:])
+        slots += _slots(bt[i], range(kl - ql, kl), block_size)
+    k, v = torch.cat(new_k), torch.cat(new_v)
+    q = _randn((sum(q_lens), hq, d), dtype, g)
+    # Chunked-prefill flow: store the new tokens first (Triton store kernel), then attend over the cache.
+    TRI.store_kv(k, v, kc, vc, torch.tensor(slots, dtype=torch.int32))
+    ctx = _prefill_ctx(q_lens, k_lens, bt)
+    scale = 1 / math.sqrt(d)
+    out = TRI.prefill(q, k, v, kc, vc, ctx, scale)
+    ref = REF.prefill(q.float(), k.float(), v.float(), kc.float(), vc.float(), ctx, scale)
+    _check(out, ref, dtype)
