@@ -121,6 +121,79 @@ class CommStrategy:
         pass
 
 
+# -- reductions off the compute stream (shared by the overlapping strategies) ------------------------------
+_COMM_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}
+
+
+def comm_stream(device: torch.device, priority: int = -1) -> "torch.cuda.Stream":
+    """This process's communication side stream on `device`, one per priority.
+
+    Shared by all strategy instances (the `overlap` strategy holds several): only one strategy drives a
+    forward pass at a time, and one FIFO stream keeps every rank's NCCL calls in one order.
+    """
+    key = (device.index if device.index is not None else torch.cuda.current_device(), priority)
+    if key not in _COMM_STREAMS:
+        _COMM_STREAMS[key] = torch.cuda.Stream(device=device, priority=priority)
+    return _COMM_STREAMS[key]
+
+
+class PendingReduction:
+    """An all-reduce in flight. `wait()` orders the caller after it: on CUDA the current stream waits on an
+    event of the communication stream (the host does not block); elsewhere the async work handle is waited."""
+
+    __slots__ = ("tensor", "_event", "_work", "_done")
+
+    def __init__(self, tensor: torch.Tensor, event: Any = None, work: Any = None) -> None:
+        self.tensor, self._event, self._work, self._done = tensor, event, work, event is None and work is None
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            if self._event is not None:
+                torch.cuda.current_stream(self.tensor.device).wait_event(self._event)
+            else:
+                self._work.wait()
+            self._done = True
+        return self.tensor
+
+
+class SideReducer:
+    """Issues in-place all-reduces that do not block the compute stream.
+
+    CUDA: the reduction runs on the shared communication stream after it waits for the producer (an
+    event of the current stream), and an event recorded after it is what consumers wait on. Call `fork()`
+    at the start and `join()` at the end of every forward that issues reductions: inside CUDA-graph capture
+    the side stream must branch off the capturing stream and merge back into it before capture ends.
+    Other backends (gloo): `dist.all_reduce(async_op=True)`, so the same ordering code runs on CPU and a
+    missing wait shows up as wrong numbers there too.
+    """
+
+    def __init__(self, device: torch.device, world_size: int, priority: int = -1) -> None:
+        self.world_size = world_size
+        self.stream = comm_stream(device, priority) if device.type == "cuda" and world_size > 1 else None
+
+    def fork(self) -> None:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+    def issue(self, t: torch.Tensor) -> PendingReduction:
+        if self.world_size == 1:
+            return PendingReduction(t)
+        if self.stream is None:
+            return PendingReduction(t, work=dist.all_reduce(t, async_op=True))
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self.stream):
+            dist.all_reduce(t)  # a sync collective orders itself on the current (communication) stream
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        # t was allocated on the compute stream; every consumer (and so every later reuse of its memory
+        # there) is ordered after `ev`, so no record_stream is needed.
+        return PendingReduction(t, event=ev)
+
+
 _CURRENT: CommStrategy | None = None
 
 

@@ -1,0 +1,204 @@
+"""`async`: micro-batches interleaved through the decoder stack, each one's reductions overlapping the
+next one's compute (NanoFlow / vLLM DBO / TokenWeave style, without fused kernels).
+
+The batch is split at sequence boundaries into `micro_batches` parts (prefill boundaries from
+`cu_seqlens_q_host`; a decode sequence is one token), each with its own sliced `AttentionContext` and its
+rows of positions/hidden. The stack runs stage by stage, micro-batch by micro-batch:
+
+    stages="half":  L0.attn(mb0) L0.attn(mb1) L0.mlp(mb0) L0.mlp(mb1) L1.attn(mb0) ...
+    stages="layer": L0(mb0) L0(mb1) L1(mb0) ...
+
+A stage ends with a row-parallel GEMM whose all-reduce is issued on the communication stream and left
+pending; the stage of the *next* micro-batch is enqueued on the compute stream at once, and the compute
+stream waits for a micro-batch's reduction only right before that micro-batch's next stage reads it.
+"half" splits each Qwen3 decoder layer into its attention and MLP halves by calling the layer's
+submodules (so both o_proj's and down_proj's reductions are hidden); "layer" calls the layer whole, so
+only its last reduction (down_proj) can be deferred and o_proj's is waited at once.
+
+Below `min_tokens` tokens, with fewer than two sequences, or at tp=1 the plain blocking loop runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm_lab.comm.base import (CommStrategy, PendingReduction, SideReducer, StrategyConfig,
+                                    register_strategy)
+from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
+
+
+@dataclass(frozen=True)
+class AsyncConfig(StrategyConfig):
+    name: str = "async"
+    micro_batches: int = 2
+    split: str = "tokens"       # "tokens": balance token counts; "seqs": balance sequence counts
+    min_tokens: int = 128       # below this many tokens in the step: blocking (launch overhead dominates)
+    comm_priority: int = -1     # CUDA priority of the communication stream (lower = higher priority)
+    stages: str = "half"        # "half": attention and MLP halves; "layer": whole decoder layers
+
+    def __post_init__(self) -> None:
+        for key, lo in (("micro_batches", 1), ("min_tokens", 0)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= {lo}, got {v!r}")
+        if self.split not in ("tokens", "seqs"):
+            raise ValueError(f"strategy {self.name!r}: split must be 'tokens' or 'seqs', got {self.split!r}")
+        if self.stages not in ("half", "layer"):
+            raise ValueError(f"strategy {self.name!r}: stages must be 'half' or 'layer', got {self.stages!r}")
+        if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
+            raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
+
+
+def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:
+    """Sequence boundaries [0, b1, ..., n] of `parts` non-empty micro-batches (parts <= n)."""
+    n = len(seq_tokens)
+    if policy == "seqs":
+        return [round(n * j / parts) for j in range(parts + 1)]
+    cum = [0]
+    for t in seq_tokens:
+        cum.append(cum[-1] + t)
+    bounds = [0]
+    for j in range(1, parts):
+        target = cum[-1] * j / parts
+        lo, hi = bounds[-1] + 1, n - (parts - j)  # leave at least one sequence for each later part
+        bounds.append(min(range(lo, hi + 1), key=lambda i: (abs(cum[i] - target), i)))
+    bounds.append(n)
+    return bounds
+
+
+def _last_row_parallel(module: nn.Module) -> nn.Module | None:
+    from nanovllm_lab.layers.linear import RowParallelLinear  # lazy: layers import comm
+    last = None
+    for m in module.modules():
+        if isinstance(m, RowParallelLinear):
+            last = m
+    return last
+
+
+class _MicroBatch:
+    __slots__ = ("ctx", "positions", "hidden", "residual", "pending")
+
+    def __init__(self, ctx: AttentionContext, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.ctx, self.positions, self.hidden = ctx, positions, hidden
+        self.residual: torch.Tensor | None = None
+        self.pending: PendingReduction | None = None  # the reduction that produces `hidden`
+
+
+def _attn_half(layer: nn.Module, mb: _MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    if mb.residual is None:
+        h, r = layer.input_layernorm(mb.hidden), mb.hidden
+    else:
+        h, r = layer.input_layernorm(mb.hidden, mb.residual)
+    return layer.self_attn(mb.positions, h), r
+
+
+def _mlp_half(layer: nn.Module, mb: _MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    h, r = layer.post_attention_layernorm(mb.hidden, mb.residual)
+    return layer.mlp(h), r
+
+
+def _whole(layer: nn.Module, mb: _MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer(mb.positions, mb.hidden, mb.residual)
+
+
+_HALF_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@register_strategy("async", AsyncConfig)
+class AsyncOverlapStrategy(CommStrategy):
+    def __init__(self, cfg: AsyncConfig, info) -> None:
+        super().__init__(cfg, info)
+        self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority)
+        self._deferrable: set[int] | None = None  # ids of weights whose reduction may stay pending; None: eager mode
+        self._staged: list[PendingReduction] = []
+        self._stage_cache: dict[int, list] = {}
+
+    # -- planning ------------------------------------------------------------------------------------
+    def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
+        """Sequence boundaries of the micro-batches, or None for the blocking fallback."""
+        cfg = self.cfg
+        n = ctx.num_seqs
+        parts = min(cfg.micro_batches, n)
+        if self.world_size == 1 or parts < 2 or num_tokens < max(cfg.min_tokens, 2):
+            return None
+        if ctx.is_prefill:
+            cq = ctx.cu_seqlens_q_host
+            seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
+        else:
+            seq_tokens = [1] * n
+        return split_points(seq_tokens, parts, cfg.split)
+
+    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
+        return self.plan(ctx, num_tokens) is not None
+
+    def _stages(self, layer: nn.Module) -> list[tuple[Callable, int]]:
+        """(stage function, id of the weight of its final row-parallel GEMM) for one decoder layer."""
+        key = id(layer)
+        if key not in self._stage_cache:
+            halves = self.cfg.stages == "half" and all(hasattr(layer, p) for p in _HALF_PARTS)
+            parts = [(_attn_half, layer.self_attn), (_mlp_half, layer.mlp)] if halves else [(_whole, layer)]
+            stages = []
+            for fn, module in parts:
+                last = _last_row_parallel(module)
+                stages.append((fn, id(last.weight) if last is not None else -1))
+            self._stage_cache[key] = stages
+        return self._stage_cache[key]
+
+    # -- the reductions --------------------------------------------------------------------------------
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._deferrable is None:
+            return super().row_parallel(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        pending = self.reducer.issue(y)
+        if id(weight) in self._deferrable:
+            self._staged.append(pending)  # the stage returns y; its consumer waits (lazily) in run_layers
+        else:
+            pending.wait()  # consumed inside the stage
+        return y
+
+    def _run_stage(self, fn: Callable, final_weight: int, layer: nn.Module, mb: _MicroBatch) -> None:
+        set_context(mb.ctx)
+        if mb.pending is not None:  # this micro-batch's last reduction must land before its next stage reads it
+            mb.pending.wait()
+            mb.pending = None
+        self._deferrable, self._staged = {final_weight}, []
+        try:
+            out, mb.residual = fn(layer, mb)
+        finally:
+            staged, self._deferrable, self._staged = self._staged, None, []
+        if staged:
+            if len(staged) > 1 or staged[0].tensor is not out:
+                for p in staged:
+                    p.wait()
+                raise RuntimeError("strategy 'async': a decoder stage did not end with its row-parallel GEMM, so "
+                                   "its reduction cannot be deferred; use stages='layer' or the blocking strategy")
+            mb.pending = staged[0]
+        mb.hidden = out
+
+    # -- the decoder stack ----------------------------------------------------------------------------
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = get_context()
+        bounds = self.plan(ctx, hidden.shape[0])
+        if bounds is None:
+            return super().run_layers(layers, positions, hidden)
+        mbs = []
+        for s, e in zip(bounds, bounds[1:]):
+            t0, t1 = ctx.token_range(s, e)
+            mbs.append(_MicroBatch(ctx.slice_seqs(s, e), positions[t0:t1], hidden[t0:t1]))
+        self.reducer.fork()
+        try:
+            for layer in layers:
+                for fn, final_weight in self._stages(layer):
+                    for mb in mbs:
+                        self._run_stage(fn, final_weight, layer, mb)
+            for mb in mbs:
+                if mb.pending is not None:
+                    mb.pending.wait()
+        finally:
+            self.reducer.join()  # inside graph capture the side stream must merge back before capture ends
+            set_context(ctx)
+        return torch.cat([mb.hidden for mb in mbs]), torch.cat([mb.residual for mb in mbs])

@@ -1,0 +1,151 @@
+"""`symm`: row-parallel reductions through PyTorch symmetric memory (peer-to-peer one-shot / two-shot
+all-reduce kernels, vLLM's custom all-reduce idea, without NCCL).
+
+One symmetric buffer of `max_tokens x hidden` elements is allocated and exchanged with the TP peers at
+start-up (`symm_mem.empty` + `symm_mem.rendezvous`). Each row-parallel GEMM writes its partial sum
+straight into that buffer, then
+- messages up to `one_shot_max_bytes`: `torch.ops.symm_mem.one_shot_all_reduce_out` (every rank reads all
+  peers' buffers and sums; lowest latency),
+- larger ones: `two_shot_all_reduce_out` (reduce-scatter then all-gather over P2P; less traffic).
+Both kernels start and end with a barrier over the peers' signal pads, so the buffer can be reused by the
+next GEMM. Reductions that do not fit (more tokens than the buffer, other dtypes than float32/bfloat16)
+use NCCL. Multicast / multimem is never used (TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set).
+
+Needs CUDA GPUs with peer access and the NCCL backend; at tp=1 there is nothing to reduce and it behaves
+like `blocking`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strategy
+from nanovllm_lab.distributed.parallel import ParallelInfo
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)  # what the symm_mem reduction kernels dispatch on
+
+
+@dataclass(frozen=True)
+class SymmConfig(StrategyConfig):
+    name: str = "symm"
+    one_shot_max_bytes: int = 1 << 20
+    max_tokens: int = 0  # buffer capacity in tokens; 0: the engine's max_num_batched_tokens
+
+    def __post_init__(self) -> None:
+        for key in ("one_shot_max_bytes", "max_tokens"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 0, got {v!r}")
+
+
+def unavailable_reason(info: ParallelInfo) -> str | None:
+    """Why symmetric-memory reductions cannot run in this process group (None: they can)."""
+    if info.world_size == 1:
+        return None
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "no process group"
+    if not info.device.startswith("cuda") or backend != "nccl":
+        return (f"strategy 'symm' needs CUDA GPUs with peer access (NCCL backend); this run uses {backend} "
+                f"on {info.device.split(':')[0]}")
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as e:
+        return f"strategy 'symm' needs torch.distributed._symmetric_memory, which this torch lacks ({e})"
+    for name in ("one_shot_all_reduce", "two_shot_all_reduce_"):
+        if not hasattr(torch.ops.symm_mem, name):
+            return f"strategy 'symm' needs torch.ops.symm_mem.{name}, which this torch {torch.__version__} lacks"
+    me = torch.device(info.device).index or 0
+    for peer in range(info.world_size):  # rank r drives cuda:r (distributed/parallel.py)
+        if peer != me and not torch.cuda.can_device_access_peer(me, peer):
+            return f"strategy 'symm' needs peer access between GPUs, but cuda:{me} cannot access cuda:{peer}"
+    return None
+
+
+def _has_op(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.symm_mem, name)
+    except Exception:
+        return False
+
+
+@register_strategy("symm", SymmConfig)
+class SymmStrategy(CommStrategy):
+    def __init__(self, cfg: SymmConfig, info: ParallelInfo) -> None:
+        super().__init__(cfg, info)
+        reason = unavailable_reason(info)
+        if reason is not None:
+            raise ValueError(reason)
+        self.buffer: torch.Tensor | None = None
+        self.group_name = ""
+        self.hidden_size = 0
+        self.calls = {"one_shot": 0, "two_shot": 0, "nccl": 0}  # host-side counters (eager calls, captures)
+
+    def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
+        if self.world_size == 1:
+            return
+        if dtype not in _SUPPORTED_DTYPES:
+            log.warning("strategy 'symm': symm_mem kernels support float32/bfloat16, not %s; using NCCL", dtype)
+            return
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # belt and braces: never set up multicast
+        import torch.distributed._symmetric_memory as symm_mem
+        group = dist.group.WORLD
+        self.group_name = group.group_name
+        with warnings.catch_warnings():  # needed before torch 2.8, a deprecated no-op after
+            warnings.simplefilter("ignore")
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(self.group_name)
+        capacity = self.cfg.max_tokens or max_tokens
+        self.hidden_size = hidden_size
+        self.buffer = symm_mem.empty(capacity * hidden_size, dtype=dtype, device=self.device)
+        symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank allocates the same size
+        self._one_shot_out = _has_op("one_shot_all_reduce_out")
+        self._two_shot_out = _has_op("two_shot_all_reduce_out") and self.world_size in (2, 4, 8)
+        log.info("strategy 'symm': %.1f MiB symmetric buffer (%d tokens), one-shot up to %d bytes",
+                 self.buffer.numel() * self.buffer.element_size() / 2**20, capacity, self.cfg.one_shot_max_bytes)
+
+    def applicable(self, ctx, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens reduces through the symmetric buffer (else NCCL)."""
+        return self.buffer is not None and num_tokens * self.hidden_size <= self.buffer.numel()
+
+    def symm_all_reduce(self, view: torch.Tensor) -> torch.Tensor:
+        """Sum `view` (a leading slice of the symmetric buffer) over the group into a new tensor."""
+        ops = torch.ops.symm_mem
+        out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+        if view.numel() * view.element_size() <= self.cfg.one_shot_max_bytes:
+            self.calls["one_shot"] += 1
+            if self._one_shot_out:
+                ops.one_shot_all_reduce_out(view, "sum", self.group_name, out)
+            else:
+                out.copy_(ops.one_shot_all_reduce(view, "sum", self.group_name))
+        else:
+            self.calls["two_shot"] += 1
+            if self._two_shot_out:
+                ops.two_shot_all_reduce_out(view, "sum", self.group_name, out)
+            else:
+                ops.two_shot_all_reduce_(view, "sum", self.group_name)
+                out.copy_(view)
+        return out
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        buf = self.buffer
+        n, h = x.shape[0], weight.shape[0]
+        if (buf is None or x.dim() != 2 or h != self.hidden_size or n * h > buf.numel() or x.dtype != buf.dtype
+                or n * h * buf.element_size() % 4):  # the kernels need 4-byte aligned sizes
+            self.calls["nccl"] += 1
+            return super().row_parallel(x, weight, bias)
+        view = buf[: n * h].view(n, h)  # offset 0: peers see the same rows at the same addresses
+        if bias is None:
+            torch.mm(x, weight.t(), out=view)
+        else:
+            torch.addmm(bias, x, weight.t(), out=view)
+        return self.symm_all_reduce(view)
+
+    def close(self) -> None:
+        self.buffer = None
+

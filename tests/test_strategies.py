@@ -1,0 +1,237 @@
+"""Communication strategies on CPU: tensor parallelism 2 over gloo, the built-in `tiny` arch, dummy weights.
+
+Every strategy except `none` must reproduce `blocking`: the same greedy tokens and the same logits (float32
+tolerance) over one fixed scenario that hits the edge cases: a one-token prompt, odd token and sequence
+counts, fewer tokens/sequences than chunks/micro-batches, chunked prefill (prompts longer than
+max_num_batched_tokens, so later chunks read earlier ones from the paged cache), a prefix-cached prefill,
+and decode steps below `min_tokens` (fallback). On gloo the overlapping strategies issue real async
+all-reduces, so a missing wait shows up as wrong numbers. Engines are module-scoped (each costs seconds).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nanovllm_lab import LLM, SamplingParams
+from nanovllm_lab.comm.async_overlap import split_points
+from nanovllm_lab.comm.chunked import chunk_bounds
+from nanovllm_lab.comm.overlap import load_table, write_table
+
+ENGINE = dict(tensor_parallel_size=2, enforce_eager=True, max_model_len=256, kvcache_block_size=16,
+              num_kvcache_blocks=96, max_num_batched_tokens=96, max_num_seqs=8, device="cpu")
+BATCH_A = [[7], list(range(1, 8)), list(range(3, 36)), list(range(1, 65)), [5, 4, 3, 2, 1], list(range(40, 170))]
+PREFIX = list(range(1, 65))  # 4 full blocks of BATCH_A[3], cached once that prefill completes
+BATCH_B = [PREFIX + [9], PREFIX + [11, 12, 13]]
+GREEDY = SamplingParams(temperature=0, max_tokens=5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_rank():
+    """Two ranks on few cores: oversubscribed OpenMP threads spin and make every op milliseconds slower."""
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned worker ranks
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+def run_scenario(strategy) -> dict:
+    """Batch A then the prefix-sharing batch B through one engine: tokens, per-step logits, cache hits."""
+    llm = LLM("tiny", strategy=strategy, **ENGINE)
+    try:
+        logits: list[torch.Tensor] = []
+        sampler = llm.model_runner.sampler
+
+        def recording_sampler(lg, temps, gen):
+            logits.append(lg.detach().clone())
+            return sampler(lg, temps, gen)
+
+        llm.model_runner.sampler = recording_sampler
+        out_a = llm.generate(BATCH_A, GREEDY, use_tqdm=False)
+        hits_before = llm.scheduler.block_manager.num_cache_hit_tokens
+        out_b = llm.generate(BATCH_B, GREEDY, use_tqdm=False)
+        return {"outputs": out_a + out_b, "tokens": [o["token_ids"] for o in out_a + out_b], "logits": logits,
+                "cache_hits": llm.scheduler.block_manager.num_cache_hit_tokens - hits_before,
+                "history": dict(getattr(llm.model_runner.strategy, "history", {}))}
+    finally:
+        llm.exit()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return run_scenario("blocking")
+
+
+@pytest.fixture(scope="module")
+def overlap_table(tmp_path_factory) -> str:
+    """A measured-looking table that makes `overlap` switch between chunked and async by token count."""
+    rows = []
+    for phase, tokens, best in [("decode", 2, {"name": "async", "min_tokens": 1}),
+                                ("decode", 8, {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 2}),
+                                ("prefill", 16, {"name": "chunked", "chunks": 3, "min_tokens_per_chunk": 1}),
+                                ("prefill", 96, {"name": "async", "min_tokens": 1, "micro_batches": 3})]:
+        name = best.pop("name")
+        rows += [{"arch": "tiny", "tp": 2, "phase": phase, "tokens": tokens, "unit": "layer", "strategy": name,
+                  "params": json.dumps(best), "t_ms": 1.0, "t_p10_ms": 0.9, "t_p90_ms": 1.1},
+                 {"arch": "tiny", "tp": 2, "phase": phase, "tokens": tokens, "unit": "layer",
+                  "strategy": "blocking", "params": "{}", "t_ms": 2.0, "t_p10_ms": 1.9, "t_p90_ms": 2.1}]
+    path = str(tmp_path_factory.mktemp("tables") / "overlap.json")
+    write_table(rows, path)
+    return path
+
+
+STRATEGIES = {
+    "async": {"name": "async", "min_tokens": 1},
+    "async-3-seqs-layer": {"name": "async", "micro_batches": 3, "split": "seqs", "stages": "layer", "min_tokens": 1},
+    "async-4-fallback": {"name": "async", "micro_batches": 4, "min_tokens": 40},  # decode steps fall back
+    "chunked-3": {"name": "chunked", "chunks": 3, "min_tokens_per_chunk": 1},
+    "chunked-4-fallback": {"name": "chunked", "chunks": 4, "min_tokens_per_chunk": 16},
+}
+
+
+def assert_same(got: dict, ref: dict, what: str) -> None:
+    assert got["tokens"] == ref["tokens"], f"{what}: greedy tokens differ from blocking"
+    assert len(got["logits"]) == len(ref["logits"]), f"{what}: different number of steps"
+    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}, step {i}: {m}")
+
+
+def test_reference_scenario_hits_the_edge_cases(reference):
+    assert reference["cache_hits"] >= 64, "batch B should reuse the cached 64-token prefix"
+    assert all(len(t) == GREEDY.max_tokens for t in reference["tokens"])
+    assert all(o["text"] is not None for o in reference["outputs"])
+
+
+@pytest.mark.parametrize("key", list(STRATEGIES))
+def test_strategy_matches_blocking(key, reference):
+    got = run_scenario(STRATEGIES[key])
+    assert got["cache_hits"] == reference["cache_hits"]
+    assert_same(got, reference, key)
+
+
+def test_overlap_matches_blocking_and_switches(reference, overlap_table):
+    got = run_scenario({"name": "overlap", "table": overlap_table})
+    assert_same(got, reference, "overlap")
+    used = set(got["history"].values())
+    assert {"async", "chunked"} <= used, got["history"]
+    assert "symm" not in used  # not available on gloo
+
+
+def test_none_runs_and_flags_outputs_invalid():
+    got = run_scenario("none")
+    assert all(o["valid"] is False and o["text"] is None for o in got["outputs"])
+    assert all(len(t) == GREEDY.max_tokens for t in got["tokens"])
+
+
+def test_symm_on_cpu_tp2_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'symm' needs CUDA GPUs with peer access.*gloo on cpu"):
+        LLM("tiny", strategy="symm", **ENGINE)
+
+
+def test_every_strategy_runs_at_tp1():
+    """At tp=1 there is nothing to reduce: every strategy (symm too) behaves like blocking."""
+    kw = {**ENGINE, "tensor_parallel_size": 1}
+    results = {}
+    for s in ["blocking", "symm", {"name": "async", "min_tokens": 1}, {"name": "chunked", "min_tokens_per_chunk": 1},
+              "overlap"]:
+        with LLM("tiny", strategy=s, **kw) as llm:
+            results[str(s)] = [o["token_ids"] for o in llm.generate(BATCH_A[:3], GREEDY, use_tqdm=False)]
+    assert all(r == results["blocking"] for r in results.values()), results
+
+
+# -- configuration errors (no engine starts: the config is resolved first) ------------------------------
+def test_unknown_strategy_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown strategy 'bogus'") as e:
+        LLM("tiny", strategy="bogus", **ENGINE)
+    for name in ("async", "blocking", "chunked", "none", "overlap", "symm"):
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("spec, exc, needle", [
+    ({"name": "chunked", "chunkz": 3}, TypeError, "chunkz"),
+    ({"name": "chunked", "chunks": 0}, ValueError, "chunks"),
+    ({"name": "async", "micro_batches": -1}, ValueError, "micro_batches"),
+    ({"name": "async", "split": "rows"}, ValueError, "split"),
+    ({"name": "symm", "one_shot_max_bytes": -5}, ValueError, "one_shot_max_bytes"),
+    ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
+    ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),
+])
+def test_bad_parameter_is_named(spec, exc, needle):
+    with pytest.raises(exc, match=needle):
+        LLM("tiny", strategy=spec, **ENGINE)
+
+
+# -- pure helpers --------------------------------------------------------------------------------------
+def test_split_points_balance_tokens_or_sequences():
+    assert split_points([5, 1, 1, 1, 10], 2, "tokens") == [0, 4, 5]
+    assert split_points([5, 1, 1, 1, 10], 3, "seqs") == [0, 2, 3, 5]
+    assert split_points([1, 1], 2, "tokens") == [0, 1, 2]
+    for n in range(2, 30):
+        for parts in range(2, min(n, 6) + 1):
+            b = split_points(list(range(1, n + 1)), parts, "tokens")
+            assert b[0] == 0 and b[-1] == n and all(x < y for x, y in zip(b, b[1:])) and len(b) == parts + 1
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(1, 3, 1) == [0, 1]
+    assert chunk_bounds(2, 3, 1) == [0, 1, 2]
+    assert chunk_bounds(300, 4, 128) == [0, 128, 300]
+    for n in range(1, 700, 13):
+        for chunks in (1, 2, 3, 4):
+            b = chunk_bounds(n, chunks, 16)
+            sizes = [y - x for x, y in zip(b, b[1:])]
+            assert b[-1] == n and len(sizes) <= chunks and (len(sizes) == 1 or min(sizes) >= 16)
+
+
+def test_write_table_picks_fastest_within_spread(tmp_path):
+    rows = [
+        {"phase": "decode", "tokens": 1, "strategy": "blocking", "t_ms": 1.0, "t_p10_ms": 0.9, "t_p90_ms": 1.1},
+        {"phase": "decode", "tokens": 1, "strategy": "none", "t_ms": 0.1},  # never chosen: wrong outputs
+        {"phase": "decode", "tokens": 1, "strategy": "chunked", "t_ms": 1.5, "t_p10_ms": 1.4, "t_p90_ms": 1.6},
+        {"phase": "decode", "tokens": 64, "strategy": "blocking", "t_ms": 2.0},
+        {"phase": "decode", "tokens": 64, "strategy": "async", "params": {"micro_batches": 3}, "t_ms": 1.2},
+        {"phase": "prefill", "tokens": 512, "strategy": "chunked", "t_ms": 3.0, "t_blocking_ms": 4.0},
+        {"phase": "prefill", "tokens": 512, "strategy": "symm", "t_ms": math.nan, "t_blocking_ms": 4.0},
+    ]
+    path = str(tmp_path / "t.json")
+    table = write_table(rows, path)
+    assert load_table(path)["entries"][0] == json.loads(json.dumps(table["entries"][0]))
+    entry = table["entries"][0]
+    dec = entry["rules"]["decode"]
+    assert [c["strategy"] for c in dec[0]["choices"]] == ["blocking"] and dec[0]["max_tokens"] == 8  # sqrt(1*64)
+    assert dec[1]["choices"][0] == {"strategy": "async", "params": {"micro_batches": 3}} and dec[1]["max_tokens"] is None
+    assert [c["strategy"] for c in entry["rules"]["prefill"][0]["choices"]] == ["chunked", "blocking"]
+    assert any(e["model"] == "*" for e in table["entries"])  # a new file keeps the default fallback
+
+
+def test_layer_sweep_rows_on_cpu():
+    from nanovllm_lab.comm.layerbench import ROW_KEYS, layer_sweep
+    rows = layer_sweep("tiny", 2, ["blocking", "async", {"name": "chunked", "min_tokens_per_chunk": 2}, "symm"],
+                       [1, 8], ("prefill", "decode"), 2, "cpu", block_size=16, decode_context=32)
+    assert len(rows) == 2 * 2 * 2 * 4  # units x phases x tokens x strategies
+    required = {"arch", "tp", "phase", "tokens", "unit", "strategy", "t_ms", "t_p10_ms", "t_p90_ms", "t_blocking_ms",
+                "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency"}
+    for r in rows:
+        assert required <= set(r) and set(r) == set(ROW_KEYS)
+        if r["strategy"] == "symm":
+            assert math.isnan(r["t_ms"]) and "needs CUDA" in r["error"]
+        else:
+            assert math.isfinite(r["t_ms"]) and r["t_ms"] > 0 and math.isfinite(r["t_blocking_ms"]), r
+            assert r["exposed_comm_ms"] == pytest.approx(r["t_ms"] - r["t_none_ms"])
+
+
+def test_step_sweep_plumbing():
+    from nanovllm_lab.comm.layerbench import step_sweep
+    rows = step_sweep("tiny", 1, ["blocking", "none"], decode_batches=(2,), prefill_tokens=(24,), repeats=2,
+                      device="cpu", decode_context=8, kvcache_block_size=16, num_kvcache_blocks=32)
+    assert {(r["phase"], r["strategy"]) for r in rows} == {(p, s) for p in ("prefill", "decode")
+                                                           for s in ("blocking", "none")}
+    assert all(math.isfinite(r["t_ms"]) and math.isfinite(r["t_blocking_ms"]) for r in rows), rows
