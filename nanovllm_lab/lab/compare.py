@@ -1,0 +1,147 @@
+"""The side-by-side report of the runs under a directory: tables and figures, as markdown or HTML.
+
+Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
+and tp (the median if there are several). Layer rows (the layer workload) add exposed communication and
+overlap efficiency per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from nanovllm_lab.lab import plots, results
+
+log = logging.getLogger(__name__)
+
+RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "device", "throughput_tok_s", "speedup_vs_blocking",
+               "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
+_GROUP = ["workload", "model", "tp"]
+
+
+@dataclass
+class Report:
+    root: Path
+    runs: pd.DataFrame                       # one row per successful run, with speedup_vs_blocking
+    failed: pd.DataFrame                     # one row per failed run
+    layer: pd.DataFrame                      # layer rows, pivoted per strategy
+    figures: dict[str, Figure] = field(default_factory=dict)
+    uses_wandb: bool = False
+
+
+def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Successful runs with their speedup over the blocking run of the same workload, model and tp."""
+    if summaries.empty or "status" not in summaries:
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    ok = summaries[summaries["status"] == "ok"].copy()
+    if ok.empty:
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    ok["throughput_tok_s"] = pd.to_numeric(ok.get("throughput_tok_s"), errors="coerce")
+    base = (ok[ok["strategy"] == "blocking"].groupby(_GROUP)["throughput_tok_s"].median()
+            .rename("blocking_tok_s").reset_index())
+    ok = ok.merge(base, on=_GROUP, how="left")
+    ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / ok["blocking_tok_s"]
+    cols = [c for c in RUN_COLUMNS if c in ok.columns]
+    return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
+
+
+def failed_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    if summaries.empty or "status" not in summaries:
+        return pd.DataFrame()
+    bad = summaries[summaries["status"] != "ok"]
+    return bad[[c for c in ("run", "workload", "model", "tp", "strategy", "error_type", "message") if c in bad]]
+
+
+def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
+    """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency."""
+    if layer.empty:
+        return layer
+    keys = [k for k in ("arch", "tp", "unit", "phase", "tokens") if k in layer]
+    values = [v for v in ("t_ms", "exposed_comm_ms", "overlap_efficiency") if v in layer]
+    wide = layer.pivot_table(index=keys, columns="strategy", values=values, aggfunc="median")
+    wide.columns = [f"{v}[{s}]" for v, s in wide.columns]
+    return wide.reset_index()
+
+
+def build_report(root: str | Path) -> Report:
+    root = Path(root)
+    summaries = results.load_summaries(root)
+    steps, layer = results.load_steps(root), results.load_layer(root)
+    runs = comparison_table(summaries)
+    rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
+                 uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+    for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
+                      ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
+                      ("layer_overlap", plots.layer_overlap(layer))):
+        if fig is not None:
+            rep.figures[name] = fig
+    return rep
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_none_\n"
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rep: Report, out: str | Path) -> Path:
+    """Write the report (format by suffix: .md or .html) and its figures next to it."""
+    out = Path(out)
+    if out.suffix not in (".md", ".html"):
+        raise ValueError(f"report format must be .md or .html, got {out.name!r}")
+    assets = out.with_name(f"{out.stem}_files")
+    assets.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for name, fig in rep.figures.items():
+        path = assets / f"{name}.png"
+        results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
+        images[name] = f"{assets.name}/{path.name}"
+    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("Layer sweep", rep.layer)]
+    if out.suffix == ".md":
+        parts = [f"# nanovllm_lab report: {rep.root}\n"]
+        for title, df in sections:
+            if title == "Runs" or not df.empty:
+                parts.append(f"## {title}\n\n{markdown_table(df)}")
+        parts += [f"## {name.replace('_', ' ')}\n\n![{name}]({src})\n" for name, src in images.items()]
+        text = "\n".join(parts)
+    else:
+        body = [f"<h1>nanovllm_lab report: {html.escape(str(rep.root))}</h1>"]
+        for title, df in sections:
+            if title == "Runs" or not df.empty:
+                body.append(f"<h2>{title}</h2>" + df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4g}"))
+        body += [f'<h2>{name.replace("_", " ")}</h2><img src="{src}" alt="{name}">' for name, src in images.items()]
+        text = ("<!doctype html><html><head><meta charset='utf-8'><title>nanovllm_lab report</title><style>"
+                "table{border-collapse:collapse;font:12px monospace}td,th{border:1px solid #ccc;padding:2px 6px}"
+                "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    results.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    return out
+
+
+def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = "offline") -> None:
+    """One wandb run (job_type report, grouped by the directory's name) holding the tables and figures."""
+    import wandb
+    from nanovllm_lab.lab.loggers import figure_image, wandb_settings
+    run = wandb.init(project=project, group=rep.root.name, job_type="report", name=f"report_{rep.root.name}",
+                     dir=str(rep.root), mode=mode, reinit="finish_previous", settings=wandb_settings(60.0))
+    payload: dict[str, Any] = {"runs": wandb.Table(dataframe=rep.runs.astype(object).where(rep.runs.notna(), None))}
+    if not rep.layer.empty:
+        payload["layer"] = wandb.Table(dataframe=rep.layer)
+    payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})
+    run.log(payload)
+    run.finish()

@@ -1,0 +1,68 @@
+"""Console tables: a run's summary at its end, a sweep's side by side at the sweep's end.
+
+rich draws them when it is installed; otherwise pandas' to_string.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import pandas as pd
+
+# The columns worth a glance, in reading order; missing ones are skipped.
+SWEEP_COLUMNS = ["run", "status", "workload", "model", "strategy", "tp", "device", "throughput_tok_s",
+                 "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs",
+                 "error_type"]
+RUN_KEYS = ["workload", "model", "strategy", "tp", "device", "dtype", "valid_outputs", "throughput_tok_s",
+            "output_tok_s", "num_steps", "prefill_latency_ms_p50", "prefill_latency_ms_p10", "prefill_latency_ms_p90",
+            "decode_latency_ms_p50", "decode_latency_ms_p10", "decode_latency_ms_p90", "ttft_ms_p50", "tpot_ms_p50",
+            "num_layer_rows", "measured_s", "elapsed_s", "run_dir"]
+
+
+# Short headers so that a sweep's table fits a terminal.
+HEADERS = {"throughput_tok_s": "tok/s", "speedup_vs_blocking": "x blocking", "prefill_latency_ms_p50": "prefill ms p50",
+           "decode_latency_ms_p50": "decode ms p50", "ttft_ms_p50": "TTFT ms p50", "tpot_ms_p50": "TPOT ms p50",
+           "valid_outputs": "valid", "error_type": "error"}
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
+    return str(v)
+
+
+def print_table(df: pd.DataFrame, title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(f"\n{title}\n{df.to_string(index=False, formatters={c: _fmt for c in df.columns})}\n")
+        return
+    table = Table(title=title, title_justify="left")
+    for col in df.columns:
+        table.add_column(HEADERS.get(str(col), str(col)), overflow="fold", no_wrap=col != "run")
+    for row in df.itertuples(index=False):
+        table.add_row(*(_fmt(v) for v in row))
+    # A terminal's own width; a pipe or a log file gets a wide fixed one rather than rich's 80 columns.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def print_run_summary(summary: dict[str, Any]) -> None:
+    rows = [(k, summary[k]) for k in RUN_KEYS if k in summary and summary[k] is not None]
+    print_table(pd.DataFrame(rows, columns=["metric", "value"]), f"run summary ({summary.get('run_id', '')})")
+
+
+def sweep_frame(summaries: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in SWEEP_COLUMNS if c in summaries.columns]
+    df = summaries[cols]
+    return df.sort_values([c for c in ("workload", "tp", "strategy") if c in df.columns], kind="stable")
+
+
+def print_sweep_summary(summaries: pd.DataFrame, title: str) -> None:
+    if summaries.empty:
+        print(f"{title}: no runs found")
+        return
+    print_table(sweep_frame(summaries), title)

@@ -1,0 +1,142 @@
+"""Profiler traces (trace=true) and their overlap analysis.
+
+`profile_to(path)` wraps the timed part of a run in torch.profiler (rank 0's process only: worker ranks run
+the same kernels in lockstep) and exports a Chrome trace (open it in chrome://tracing or Perfetto).
+`analyze_events` is a pure function over (name, start_us, dur_us, category) events:
+
+- communication kernels: names containing nccl, all_reduce/allreduce, one_shot, two_shot, symm, cross_device,
+  reduce_scatter, all_gather (NCCL's kernels and the project's own reduction kernels); every other device
+  kernel is compute. CPU ops are not kernels: a CPU-only trace analyses to zeros.
+- busy time: the length of the union of a kind's intervals (streams overlap; summed durations double count).
+- concurrent communication: |union(comm) intersect union(compute)|; trace concurrency = that / comm busy time.
+- exposed communication (trace view): comm busy time with no compute kernel running. The headline
+  definition (T_strategy - T_none) comes from timings, not traces: see the layer workload.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple
+
+from nanovllm_lab.lab.results import atomic_write
+
+COMM_KERNEL_RE = re.compile(r"nccl|all_?reduce|one_shot|two_shot|symm|cross_device|reduce_scatter|all_gather",
+                            re.IGNORECASE)
+KERNEL_CATEGORIES = frozenset({"kernel"})  # torch.profiler's Chrome-trace category of device kernels
+
+
+class TraceEvent(NamedTuple):
+    name: str
+    start_us: float
+    dur_us: float
+    category: str
+
+
+Interval = tuple[float, float]
+
+
+def is_comm_kernel(name: str) -> bool:
+    return COMM_KERNEL_RE.search(name) is not None
+
+
+def union(intervals: Iterable[Interval]) -> list[Interval]:
+    """Merge overlapping or touching intervals; the result is sorted and disjoint."""
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def intersect(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Intersection of two sorted disjoint interval lists (two-pointer sweep)."""
+    i = j = 0
+    out: list[Interval] = []
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def length(intervals: Iterable[Interval]) -> float:
+    return float(sum(e - s for s, e in intervals))
+
+
+def _top(events: list[TraceEvent], n: int = 10) -> list[dict[str, Any]]:
+    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for ev in events:
+        acc[ev.name][0] += 1
+        acc[ev.name][1] += ev.dur_us
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1][1])[:n]
+    return [{"name": k, "count": int(c), "total_us": t} for k, (c, t) in ranked]
+
+
+def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None = None) -> dict[str, Any]:
+    """Compute/communication kernel times and their concurrency from trace events (all times in us)."""
+    kernels = [TraceEvent(*ev) for ev in events]
+    kernels = [ev for ev in kernels if ev.category in KERNEL_CATEGORIES]
+    comm = [ev for ev in kernels if is_comm_kernel(ev.name)]
+    compute = [ev for ev in kernels if not is_comm_kernel(ev.name)]
+    comm_u = union((ev.start_us, ev.start_us + ev.dur_us) for ev in comm)
+    compute_u = union((ev.start_us, ev.start_us + ev.dur_us) for ev in compute)
+    comm_busy, concurrent = length(comm_u), length(intersect(comm_u, compute_u))
+    span = (max(ev.start_us + ev.dur_us for ev in kernels) - min(ev.start_us for ev in kernels)) if kernels else 0.0
+    out: dict[str, Any] = {
+        "num_kernels": len(kernels), "num_comm_kernels": len(comm), "num_compute_kernels": len(compute),
+        "compute_kernel_us": float(sum(ev.dur_us for ev in compute)),
+        "comm_kernel_us": float(sum(ev.dur_us for ev in comm)),
+        "compute_busy_us": length(compute_u), "comm_busy_us": comm_busy,
+        "concurrent_comm_us": concurrent, "exposed_comm_us": comm_busy - concurrent,
+        "trace_concurrency": concurrent / comm_busy if comm_busy > 0 else 0.0,
+        "kernel_span_us": float(span),
+        "top_comm_kernels": _top(comm), "top_compute_kernels": _top(compute),
+    }
+    if num_steps:
+        out["num_steps"] = num_steps
+        out["exposed_comm_us_per_step"] = out["exposed_comm_us"] / num_steps
+        out["comm_busy_us_per_step"] = comm_busy / num_steps
+    return out
+
+
+def events_from_chrome_trace(trace: str | os.PathLike | dict) -> list[TraceEvent]:
+    """Complete ('X') events of a Chrome trace (a path or the loaded JSON)."""
+    if not isinstance(trace, dict):
+        with open(trace) as f:
+            trace = json.load(f)
+    out = []
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") == "X" and "dur" in ev and "ts" in ev:
+            out.append(TraceEvent(str(ev.get("name", "")), float(ev["ts"]), float(ev["dur"]), str(ev.get("cat", ""))))
+    return out
+
+
+@contextmanager
+def profile_to(path: str | os.PathLike) -> Iterator[None]:
+    """torch.profiler around the block (CPU, plus CUDA when available); the Chrome trace lands at path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    atomic_write(path, prof.export_chrome_trace)
+
+
+def analyze_trace_file(path: str | os.PathLike, num_steps: int | None = None) -> dict[str, Any]:
+    summary = analyze_events(events_from_chrome_trace(path), num_steps)
+    summary["trace_file"] = Path(path).name
+    summary["rank"] = 0
+    return summary

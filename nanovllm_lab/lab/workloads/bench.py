@@ -1,0 +1,48 @@
+"""`bench` and `small`: random-token requests, all queued at once (nano-vLLM's bench).
+
+bench: 256 requests, prompts U[100,1024] tokens of ids U[0,10000] (clipped to the vocabulary), outputs
+U[100,1024] tokens with ignore_eos, temperature 0.6, seed 0, one warm-up generate; the headline is output
+tokens/s. small: the same code path with CPU-sized numbers (the default workload).
+"""
+from __future__ import annotations
+
+import random
+
+from nanovllm_lab.lab.metrics import request_stats
+from nanovllm_lab.lab.schemas import RequestsWorkloadSchema
+from nanovllm_lab.lab.workloads.base import (WORKLOADS, RunContext, Workload, WorkloadResult, random_prompts,
+                                             run_requests)
+from nanovllm_lab.sampling_params import SamplingParams
+
+
+@WORKLOADS.register("small")
+@WORKLOADS.register("bench")
+class RequestsWorkload(Workload):
+    params: RequestsWorkloadSchema
+
+    def check(self) -> None:
+        p = self.params
+        self.need(p.num_seqs >= 1, f"num_seqs must be >= 1, got {p.num_seqs}")
+        self.need(1 <= p.min_input_len <= p.max_input_len, "need 1 <= min_input_len <= max_input_len")
+        self.need(1 <= p.min_output_len <= p.max_output_len, "need 1 <= min_output_len <= max_output_len")
+        self.need(p.max_token_id >= 0, "max_token_id must be >= 0")
+        limit = self.settings.engine_kwargs["max_model_len"]
+        total = p.max_input_len + p.max_output_len
+        self.need(total <= limit, f"max_input_len + max_output_len = {total} exceeds max_model_len={limit}")
+
+    def run(self, ctx: RunContext) -> WorkloadResult:
+        p, llm = self.params, ctx.llm
+        rng = random.Random(p.seed)
+        max_id = min(p.max_token_id, llm.config.arch.vocab_size - 1)
+        prompts = random_prompts(rng, p.num_seqs, p.min_input_len, p.max_input_len, max_id)
+        params = [SamplingParams(temperature=p.temperature, ignore_eos=p.ignore_eos,
+                                 max_tokens=rng.randint(p.min_output_len, p.max_output_len)) for _ in prompts]
+        if p.warmup:
+            with ctx.warmup():
+                run_requests(llm, [[rng.randint(0, max_id) for _ in range(16)]], [SamplingParams(max_tokens=4)])
+        bar = ctx.bar(len(prompts), f"{p.name} [{self.settings.strategy_name} tp{self.settings.tp}]")
+        with ctx.timed():
+            requests, _, elapsed = run_requests(llm, prompts, params, bar)
+        bar.close()
+        stats = request_stats(requests, elapsed)
+        return WorkloadResult(metrics=stats, throughput_tok_s=stats["output_tok_s"], requests=requests)

@@ -1,0 +1,50 @@
+"""Build a side-by-side report of the runs under a results directory (a sweep, or results/ itself).
+
+    python -m nanovllm_lab.report results/sweeps/2026-11-28_10-00-00_sweep            # -> <dir>/report.md
+    python -m nanovllm_lab.report results/ --out report.html
+    python -m nanovllm_lab.report results/sweeps/... --wandb                          # also a wandb run
+
+The report holds one row per run (throughput, speedup over blocking, step-latency and TTFT/TPOT medians),
+the failed runs, the layer rows pivoted per strategy, and PNG figures. It is logged to wandb (offline) with
+--wandb, or when the runs themselves were logged with logger=wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nanovllm_lab.lab.compare import build_report, log_report_to_wandb, write_report
+from nanovllm_lab.lab.console import print_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanovllm_lab.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", type=Path, help="a run, sweep or results directory (searched recursively)")
+    ap.add_argument("--out", type=Path, default=None, help="report.md or report.html (default: <root>/report.md)")
+    ap.add_argument("--wandb", action="store_true", help="log the report to wandb even if the runs did not")
+    ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    args = ap.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a directory", file=sys.stderr)
+        return 2
+    rep = build_report(args.root)
+    if rep.runs.empty and rep.failed.empty:
+        print(f"error: no runs (summary.json / error.json) under {args.root}", file=sys.stderr)
+        return 1
+    try:
+        out = write_report(rep, args.out or args.root / "report.md")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(rep.runs, f"{len(rep.runs)} runs under {args.root}")
+    if not rep.failed.empty:
+        print_table(rep.failed, f"{len(rep.failed)} failed")
+    if args.wandb or rep.uses_wandb:
+        log_report_to_wandb(rep, mode=args.wandb_mode)
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Trace analysis over synthetic events: compute/communication time, concurrency, exposed communication."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanovllm_lab.lab.trace import (TraceEvent, analyze_events, events_from_chrome_trace, intersect, is_comm_kernel,
+                                    union)
+
+
+def test_interval_union_and_intersection():
+    assert union([(5, 7), (0, 2), (1, 3), (3, 4), (9, 9)]) == [(0, 4), (5, 7)]
+    assert intersect([(0, 4), (5, 7)], [(3, 6), (6.5, 10)]) == [(3, 4), (5, 6), (6.5, 7)]
+    assert intersect([], [(0, 1)]) == []
+
+
+@pytest.mark.parametrize("name", ["ncclDevKernel_AllReduce_Sum_f32_RING_LL", "void one_shot_all_reduce_kernel<float>",
+                                  "two_shot_all_reduce", "symm_mem::barrier", "cross_device_reduce_1stage",
+                                  "reduce_scatter_kernel", "all_gather_into_tensor", "custom_allreduce"])
+def test_comm_kernel_names(name):
+    assert is_comm_kernel(name)
+
+
+@pytest.mark.parametrize("name", ["ampere_sgemm_128x64_tn", "flash_fwd_kernel", "rms_norm_kernel", "aten::mm"])
+def test_compute_kernel_names(name):
+    assert not is_comm_kernel(name)
+
+
+def test_partial_overlap():
+    # compute on stream 7: [0,100) and [150,200); comm on stream 13: [80,160) -> 20 + 10 us concurrent
+    events = [("gemm", 0, 100, "kernel"), ("gemm", 150, 50, "kernel"),
+              ("ncclDevKernel_AllReduce", 80, 80, "kernel"),
+              ("aten::mm", 0, 500, "cpu_op"), ("cudaLaunchKernel", 1, 2, "cuda_runtime")]
+    s = analyze_events(events, num_steps=2)
+    assert s["num_kernels"] == 3 and s["num_comm_kernels"] == 1
+    assert s["compute_kernel_us"] == 150 and s["comm_kernel_us"] == 80
+    assert s["concurrent_comm_us"] == pytest.approx(30)
+    assert s["exposed_comm_us"] == pytest.approx(50)
+    assert s["trace_concurrency"] == pytest.approx(30 / 80)
+    assert s["kernel_span_us"] == 200
+    assert s["exposed_comm_us_per_step"] == pytest.approx(25)
+    assert s["top_comm_kernels"] == [{"name": "ncclDevKernel_AllReduce", "count": 1, "total_us": 80}]
+
+
+def test_overlapping_comm_kernels_are_not_double_counted():
+    events = [TraceEvent("one_shot_all_reduce", 0, 10, "kernel"), TraceEvent("ncclKernel", 5, 10, "kernel"),
+              TraceEvent("gemm", 0, 100, "kernel")]
+    s = analyze_events(events)
+    assert s["comm_kernel_us"] == 20 and s["comm_busy_us"] == 15
+    assert s["trace_concurrency"] == 1.0 and s["exposed_comm_us"] == 0
+
+
+def test_fully_exposed_and_empty():
+    s = analyze_events([("gemm", 0, 10, "kernel"), ("nccl", 10, 5, "kernel")])
+    assert s["exposed_comm_us"] == 5 and s["trace_concurrency"] == 0
+    empty = analyze_events([("aten::add", 0, 10, "cpu_op")])  # what a CPU-only trace holds
+    assert empty["num_kernels"] == 0 and empty["comm_busy_us"] == 0 and empty["trace_concurrency"] == 0.0
+
+
+def test_chrome_trace_parsing(tmp_path):
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1.5, "dur": 3.0, "pid": 0, "tid": 7},
+        {"ph": "X", "cat": "kernel", "name": "ncclKernel", "ts": 2.0, "dur": 4.0},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 2.0},
+        {"ph": "M", "name": "process_name"}]}
+    path = tmp_path / "t.trace.json"
+    path.write_text(json.dumps(trace))
+    events = events_from_chrome_trace(path)
+    assert events == [TraceEvent("gemm", 1.5, 3.0, "kernel"), TraceEvent("ncclKernel", 2.0, 4.0, "kernel")]
+    assert analyze_events(events)["concurrent_comm_us"] == pytest.approx(2.5)
