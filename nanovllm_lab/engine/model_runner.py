@@ -7,6 +7,7 @@ calls through the control plane.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -176,11 +177,19 @@ class ModelRunner:
         return tokens
 
     def shutdown(self) -> None:
-        self.graphs = None
+        """Release the process group and the device memory (model, KV cache, graph pool), so that the next
+        engine in this process (a sweep's next job) sizes its KV cache from a clean device."""
         if getattr(self, "strategy", None) is not None:
             self.strategy.close()
         set_comm(None)
         destroy_distributed()
+        for m in getattr(self, "attn_layers", []):
+            m.k_cache = m.v_cache = torch.tensor([])
+        self.graphs = self.model = self.kv_cache = self.logits_log = None
+        self.attn_layers = []
+        if getattr(self, "device", torch.device("cpu")).type == "cuda":
+            gc.collect()  # graphs and modules can sit in reference cycles
+            torch.cuda.empty_cache()
 
 
 class _Timer:

@@ -73,7 +73,6 @@ def _execute(settings: RunSettings, workload: Workload, run_dir: Path) -> tuple[
     try:
         if workload.needs_engine:
             from nanovllm_lab import LLM
-            _release_device_memory()  # a failed previous job may have left its engine to the collector
             llm = LLM(settings.model, **settings.engine_kwargs)
             llm.model_runner.step_hooks.append(recorder)
             engine = {"device": llm.config.device, "dtype": llm.config.dtype, "valid_outputs": llm.valid_outputs,
@@ -88,23 +87,8 @@ def _execute(settings: RunSettings, workload: Workload, run_dir: Path) -> tuple[
         ctx.llm = None
     finally:
         if llm is not None:
-            llm.exit()
-            del llm
-            _release_device_memory()
+            llm.exit()  # frees the engine's device memory (ModelRunner.shutdown) for the next job of a sweep
     return result, ctx, engine
-
-
-def _release_device_memory() -> None:
-    """Let the next job of a multirun (same process) size its KV cache from a clean GPU. Seen on 2xH200: without
-    this, the second job of a sweep got 20 KV blocks where the first got 8935, because the previous engine's
-    tensors were still alive or cached; a collection frees what cycles hold, empty_cache returns the cached
-    blocks that the next engine's free-memory budget would count as used."""
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _tables(settings: RunSettings, result: WorkloadResult, ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame | None,
