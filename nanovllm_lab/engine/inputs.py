@@ -33,6 +33,13 @@ class StepInput:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def kv_tokens_read(self) -> int:
+        """K/V tokens the step's attention reads: every sequence's whole context (cached and new)."""
+        if self.is_prefill:
+            return self.cu_seqlens_k[-1]
+        return int(self.context_lens.sum())
+
     def to_context(self, device: torch.device) -> AttentionContext:
         def dev(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)

@@ -39,6 +39,7 @@ class StepRecord:
     num_tokens: int
     latency_s: float
     cuda_graph: bool
+    kv_tokens_read: int = 0  # cached and new K/V tokens the step's attention reads (memory-traffic accounting)
 
 
 class ModelRunner:
@@ -171,7 +172,7 @@ class ModelRunner:
             if self.logits_log is not None:
                 self.logits_log.append(logits.float().cpu())
             rec = StepRecord("prefill" if step.is_prefill else "decode", step.num_seqs, step.num_tokens,
-                             timer.elapsed(), use_graph)
+                             timer.elapsed(), use_graph, step.kv_tokens_read)
             for hook in self.step_hooks:
                 hook(rec)
         return tokens

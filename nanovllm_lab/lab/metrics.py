@@ -25,14 +25,15 @@ class StepRecorder:
     def __call__(self, rec: StepRecord) -> None:
         self.rows.append({"step": len(self.rows), "phase": rec.phase, "num_seqs": rec.num_seqs,
                           "num_tokens": rec.num_tokens, "latency_ms": rec.latency_s * 1e3,
-                          "cuda_graph": rec.cuda_graph, "warmup": self.warmup})
+                          "cuda_graph": rec.cuda_graph, "kv_tokens_read": rec.kv_tokens_read,
+                          "warmup": self.warmup})
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def frame(self, **columns: Any) -> pd.DataFrame:
         """The rows plus constant columns (strategy, tp, workload, model)."""
-        cols = ["step", "phase", "num_seqs", "num_tokens", "latency_ms", "cuda_graph", "warmup"]
+        cols = ["step", "phase", "num_seqs", "num_tokens", "latency_ms", "cuda_graph", "kv_tokens_read", "warmup"]
         df = pd.DataFrame(self.rows, columns=cols)
         for k, v in columns.items():
             df[k] = v

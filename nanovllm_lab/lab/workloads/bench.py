@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+from nanovllm_lab.lab.floor import memory_floor
 from nanovllm_lab.lab.metrics import request_stats
 from nanovllm_lab.lab.schemas import RequestsWorkloadSchema
 from nanovllm_lab.lab.workloads.base import (WORKLOADS, RunContext, Workload, WorkloadResult, random_prompts,
@@ -45,4 +46,17 @@ class RequestsWorkload(Workload):
             requests, _, elapsed = run_requests(llm, prompts, params, bar)
         bar.close()
         stats = request_stats(requests, elapsed)
+        stats.update(self._floor(ctx, elapsed))
         return WorkloadResult(metrics=stats, throughput_tok_s=stats["output_tok_s"], requests=requests)
+
+    def _floor(self, ctx: RunContext, elapsed: float) -> dict:
+        """The memory-traffic floor (lab/floor.py), with the copy bandwidth measured now on this device."""
+        llm = ctx.llm
+        copy_gbs = None
+        if llm.config.device.startswith("cuda"):
+            from nanovllm_lab.kernels.bench import measure_copy_bandwidth
+            copy_gbs = measure_copy_bandwidth(device=llm.model_runner.device)
+        floor = memory_floor(ctx.recorder.frame(), llm.config.arch, llm.config.tensor_parallel_size,
+                             llm.model_runner.dtype.itemsize, copy_gbs)
+        floor["achieved_over_floor"] = floor["floor_s"] / elapsed if floor["floor_s"] and elapsed > 0 else None
+        return floor
