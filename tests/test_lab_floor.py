@@ -24,3 +24,16 @@ def test_floor_counts_weights_once_per_step_and_kv_traffic():
     assert f["floor_bytes_per_rank"] == pytest.approx(expected)
     assert f["floor_s"] == pytest.approx(expected / 1e12)
     assert memory_floor(steps, a, 2, 2, copy_gbs=None)["floor_s"] is None
+
+
+def test_kernels_workload_refuses_cpu_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run([sys.executable, "-m", "nanovllm_lab.run", "workload=kernels", f"results_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "the kernels workload needs a CUDA device" in r.stderr + r.stdout

@@ -147,6 +147,16 @@ class LayerWorkloadSchema(WorkloadSchema):
     write_table: Optional[str] = None  # write the overlap strategy's table from the rows to this path
 
 
+@dataclass
+class KernelsWorkloadSchema(WorkloadSchema):
+    """Attention-kernel microbenchmarks against the card's measured ceilings (nanovllm_lab.kernels.bench)."""
+
+    decode_batches: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    decode_contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    prefill_tokens: list[int] = field(default_factory=lambda: [4096, 16384])
+    block_size: int = 256
+
+
 # -- loggers ----------------------------------------------------------------------------------------
 @dataclass
 class LoggerSchema:
@@ -193,6 +203,7 @@ class LabConfig:
 WORKLOAD_SCHEMAS: dict[str, type[WorkloadSchema]] = {
     "requests": RequestsWorkloadSchema, "decode": DecodeWorkloadSchema, "prefill": PrefillWorkloadSchema,
     "generate": GenerateWorkloadSchema, "layer": LayerWorkloadSchema,
+    "kernels": KernelsWorkloadSchema,
 }
 LOGGER_SCHEMAS: dict[str, type[LoggerSchema]] = {"files": LoggerSchema, "wandb": WandbLoggerSchema}
 
