@@ -67,6 +67,11 @@ def unavailable_reason(info: ParallelInfo) -> str | None:
     return None
 
 
+def _torch_before(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
 def _has_op(name: str) -> bool:
     try:
         return hasattr(torch.ops.symm_mem, name)
@@ -96,9 +101,13 @@ class SymmStrategy(CommStrategy):
         import torch.distributed._symmetric_memory as symm_mem
         group = dist.group.WORLD
         self.group_name = group.group_name
-        with warnings.catch_warnings():  # needed before torch 2.8, a deprecated no-op after
-            warnings.simplefilter("ignore")
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        # Before torch 2.8 a group had to be registered first. Later releases resolve the group by name at
+        # rendezvous, and registering it would pin the group's *store* under its name for the life of the
+        # process: the next engine in the same process (a sweep's next job) reuses the name "0" for a new group
+        # and would rendezvous through the dead store of the old one (a hang seen on 2 x H200).
+        if _torch_before(2, 8) and hasattr(symm_mem, "enable_symm_mem_for_group"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(self.group_name)
         capacity = self.cfg.max_tokens or max_tokens
         self.hidden_size = hidden_size
@@ -148,4 +157,10 @@ class SymmStrategy(CommStrategy):
 
     def close(self) -> None:
         self.buffer = None
+        if self.group_name:  # forget any registration under this name (see prepare)
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+                getattr(symm_mem, "_group_name_to_store", {}).pop(self.group_name, None)
+            except ImportError:
+                pass
 
