@@ -15,7 +15,7 @@ from nanovllm_lab.comm import get_comm
 from nanovllm_lab.distributed.parallel import tp_rank, tp_size
 
 
-def _check(param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
+def _check(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"{what}: expected shape {tuple(param.shape)} for this rank, got {tuple(loaded.shape)}")
 
@@ -61,6 +61,13 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _load_part(self, param: nn.Parameter, loaded: torch.Tensor, offset: int, size: int, name: str) -> None:
+        """Copy this rank's `size` rows of a packed part into rows [offset, offset+size) of the parameter."""
+        loaded = self._shard(loaded, 0, size, name)
+        target = param.data.narrow(0, offset, size)
+        _check(target, loaded, name)
+        target.copy_(loaded)
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one GEMM (gate and up); shard_id picks the part being loaded."""
@@ -71,12 +78,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "", shard_id: int = 0) -> None:
         size = self.output_sizes[shard_id] // self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        loaded = self._shard(loaded, 0, size, name)
-        target = param.data.narrow(0, offset, size)
-        if target.shape != loaded.shape:
-            raise ValueError(f"{name}: expected shape {tuple(target.shape)} for this rank, got {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        self._load_part(param, loaded, sum(self.output_sizes[:shard_id]) // self.tp_size, size, name)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -90,11 +92,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q = self.num_heads * self.head_dim // self.tp_size
         kv = self.num_kv_heads * self.head_dim // self.tp_size
         size, offset = {"q": (q, 0), "k": (kv, q), "v": (kv, q + kv)}[shard_id]
-        loaded = self._shard(loaded, 0, size, name)
-        target = param.data.narrow(0, offset, size)
-        if target.shape != loaded.shape:
-            raise ValueError(f"{name}: expected shape {tuple(target.shape)} for this rank, got {tuple(loaded.shape)}")
-        target.copy_(loaded)
+        self._load_part(param, loaded, offset, size, name)
 
 
 class RowParallelLinear(LinearBase):
