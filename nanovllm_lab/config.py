@@ -28,6 +28,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    torch_compile: bool = False  # fuse RMSNorm / RoPE / SiLU-mul with torch.compile (utils/compile.py)
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     cpu_kvcache_bytes: int = 256 * 2**20  # the KV budget on cpu when num_kvcache_blocks is -1
@@ -60,6 +61,7 @@ class Config:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "device", "must be 'auto', 'cpu' or 'cuda'")
         need(isinstance(self.enforce_eager, bool), "enforce_eager", "must be a bool")
+        need(isinstance(self.torch_compile, bool), "torch_compile", "must be a bool")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory or a built-in name")
 
     @classmethod

@@ -25,7 +25,7 @@ for stage in $stages; do
   echo "== $stage"
   case $stage in
     tests)   timeout "$S" python3 -m pytest -m gpu -q -x tests/ 2>&1 | tee "$O/tests.log" | tail -n 15 ;;
-    bench)   lab workload=bench model=qwen3-0.6b tp=1
+    bench)   lab -m workload=bench model=qwen3-0.6b tp=1 torch_compile=false,true   # A/B of the fused layers
              [ "$ngpu" -ge 2 ] && lab -m workload=bench model=qwen3-8b tp=2 +strategy=blocking,overlap,none ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=2 ;;

@@ -106,3 +106,17 @@ def test_sampling_with_temperature_is_seeded(qwen3_dir):
             runs.append([o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)])
     assert runs[0] == runs[1]
     assert all(len(t) == 8 for t in runs[0])
+
+
+def test_torch_compile_matches_transformers(qwen3_dir, hf_model):
+    """The opt-in fused layers (torch.compile of RMSNorm, RoPE, SiLU-mul) keep the engine exact."""
+    with LLM(qwen3_dir, kvcache_block_size=16, num_kvcache_blocks=32, torch_compile=True) as llm:
+        llm.model_runner.logits_log = []
+        outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        first = llm.model_runner.logits_log[0]
+    with torch.no_grad():
+        for i, p in enumerate(PROMPTS[:2]):
+            assert (first[i] - hf_model(torch.tensor([p])).logits[0, -1]).abs().max().item() <= 1e-4
+    for p, o in zip(PROMPTS[:2], outs):
+        ref, ref_logits = hf_greedy(hf_model, p, 8)
+        assert_greedy_agrees(o["token_ids"], ref, ref_logits)

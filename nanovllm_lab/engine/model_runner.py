@@ -24,6 +24,7 @@ from nanovllm_lab.engine.inputs import StepInput
 from nanovllm_lab.layers.attention import Attention
 from nanovllm_lab.layers.sampler import Sampler
 from nanovllm_lab.models.qwen3 import Qwen3ForCausalLM, checkpoint_shapes
+from nanovllm_lab.utils.compile import set_compile
 from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
 from nanovllm_lab.utils.loader import load_dummy, load_safetensors
 
@@ -54,6 +55,7 @@ class ModelRunner:
             self.block_size = config.kvcache_block_size
             self.strategy = build_strategy(config.strategy, self.info)
             set_comm(self.strategy)
+            set_compile(config.torch_compile)
             torch.manual_seed(config.seed)
             prev_dtype = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
@@ -183,6 +185,7 @@ class ModelRunner:
         if getattr(self, "strategy", None) is not None:
             self.strategy.close()
         set_comm(None)
+        set_compile(False)
         destroy_distributed()
         for m in getattr(self, "attn_layers", []):
             m.k_cache = m.v_cache = torch.tensor([])

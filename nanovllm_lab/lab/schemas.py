@@ -185,6 +185,7 @@ class LabConfig:
     device: str = "auto"
     dtype: str = "auto"
     enforce_eager: bool = False
+    torch_compile: bool = False     # fuse the small elementwise layers with torch.compile
     max_model_len: int = 4096
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1

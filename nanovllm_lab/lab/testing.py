@@ -30,6 +30,8 @@ TINY_WORKLOAD: dict[str, list[str]] = {
     "generate": ["workload.prompts=[Hello]", "workload.max_tokens=3"],
     "layer": ["workload.tokens=[4]", "workload.repeats=1", "workload.strategies=[blocking,none]",
               "workload.phases=[decode]"],
+    # GPU only: on a CPU machine it stops at its check with a clear error (tests/test_lab_floor.py).
+    "kernels": ["workload.decode_batches=[1]", "workload.decode_contexts=[16]", "workload.prefill_tokens=[64]"],
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovllm_lab.utils.compile import compilable
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float) -> None:
@@ -12,6 +14,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
+    @compilable
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)  # [T, 1, D/2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
