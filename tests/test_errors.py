@@ -136,3 +136,34 @@ def test_exit_leaves_no_worker(qwen3_dir):
         procs = list(llm.control.procs)
         assert all(p.is_alive() for p in procs)
     assert not any(p.is_alive() for p in procs)
+
+
+def test_interpreter_exit_leaves_no_worker(tmp_path):
+    """A script that never calls exit(): its workers still go when the interpreter does."""
+    import subprocess
+    import sys
+    script = tmp_path / "s.py"
+    script.write_text("from nanovllm_lab import LLM\nif __name__ == '__main__':\n"
+                      "    llm = LLM('tiny', tensor_parallel_size=2, max_model_len=128)\n"
+                      "    print(' '.join(str(p.pid) for p in llm.control.procs), flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pids = [int(x) for x in r.stdout.split()]
+    assert pids
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_worker_dying_at_start_raises_instead_of_hanging(tmp_path):
+    """Without a main guard, spawned workers fail to bootstrap: rank 0 must say so, not wait in the rendezvous."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text("from nanovllm_lab import LLM\nLLM('tiny', tensor_parallel_size=2, max_model_len=128)\n")
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - t < 60
+    assert r.returncode != 0
+    assert "worker rank 1 died before it could start" in r.stderr and "__main__" in r.stderr

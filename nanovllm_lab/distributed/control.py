@@ -39,8 +39,12 @@ class ControlPlane:
     def check(self) -> None:
         """Raise WorkerDiedError if a worker is gone."""
 
+    def wait_booted(self, timeout_s: float) -> None:
+        """Return once every worker is about to join the process group (so rank 0 never waits there for a
+        worker that already died: the group's rendezvous has no way to notice)."""
+
     def wait_ready(self, timeout_s: float) -> None:
-        pass
+        """Return once every worker has built its model runner."""
 
     def close(self) -> None:
         pass
@@ -48,6 +52,7 @@ class ControlPlane:
 
 def _worker_main(config: Any, rank: int, conn: Connection, init_file: str) -> None:
     from nanovllm_lab.engine.model_runner import ModelRunner
+    conn.send(("booted", None))  # rank 0 joins the process group only once every worker got this far
     try:
         runner = ModelRunner(config, rank, init_file)
     except BaseException:
@@ -100,25 +105,33 @@ class PipeControlPlane(ControlPlane):
                     log.error("tensor-parallel worker rank %d died (exit code %s)", rank,
                               self.procs[rank - 1].exitcode)
 
+    def wait_booted(self, timeout_s: float = 120.0) -> None:
+        self._wait_for("booted", "start", timeout_s)
+
     def wait_ready(self, timeout_s: float = 600.0) -> None:
+        self._wait_for("ready", "build its model runner", timeout_s)
+
+    def _wait_for(self, expected: str, what: str, timeout_s: float) -> None:
+        """Wait for message `expected` from every worker; a worker that dies or reports an error raises."""
         pending = dict(enumerate(self.conns, 1))
         while pending:
-            ready = wait(list(pending.values()) + [p.sentinel for p in self.procs], timeout=timeout_s)
+            ready = wait(list(pending.values()) + [self.procs[r - 1].sentinel for r in pending], timeout=timeout_s)
             if not ready:
-                raise TimeoutError(f"tensor-parallel workers {sorted(pending)} not ready after {timeout_s:.0f} s")
+                raise TimeoutError(f"tensor-parallel workers {sorted(pending)} did not {what} in {timeout_s:.0f} s")
             for rank, conn in list(pending.items()):
-                if conn in ready or conn.poll():
+                if conn.poll():
                     try:
                         kind, payload = conn.recv()
                     except EOFError:
-                        raise WorkerDiedError(f"tensor-parallel worker rank {rank} died during start-up") from None
+                        raise WorkerDiedError(f"tensor-parallel worker rank {rank} died before it could {what}") from None
                     if kind == "error":
-                        raise RuntimeError(f"tensor-parallel worker rank {rank} failed to start:\n{payload}")
-                    del pending[rank]
-            for rank, p in enumerate(self.procs, 1):
-                if rank in pending and not p.is_alive() and not self.conns[rank - 1].poll():
-                    raise WorkerDiedError(f"tensor-parallel worker rank {rank} died during start-up "
-                                          f"(exit code {p.exitcode})")
+                        raise RuntimeError(f"tensor-parallel worker rank {rank} failed to {what}:\n{payload}")
+                    if kind == expected:
+                        del pending[rank]
+                elif not self.procs[rank - 1].is_alive():
+                    raise WorkerDiedError(f"tensor-parallel worker rank {rank} died before it could {what} "
+                                          f"(exit code {self.procs[rank - 1].exitcode}); a script that starts "
+                                          f"tensor-parallel engines needs an `if __name__ == '__main__':` guard")
 
     def check(self) -> None:
         if self.dead_rank is None:

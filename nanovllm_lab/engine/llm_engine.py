@@ -35,6 +35,7 @@ class LLMEngine:
         self._closed = False
         atexit.register(self.exit)
         try:
+            self.control.wait_booted(120.0)
             self.model_runner = ModelRunner(config, 0, self.control.init_file)
             self.control.wait_ready(600.0)
         except BaseException:
