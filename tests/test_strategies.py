@@ -94,6 +94,8 @@ STRATEGIES = {
     "async-4-fallback": {"name": "async", "micro_batches": 4, "min_tokens": 40},  # decode steps fall back
     "chunked-3": {"name": "chunked", "chunks": 3, "min_tokens_per_chunk": 1},
     "chunked-4-fallback": {"name": "chunked", "chunks": 4, "min_tokens_per_chunk": 16},
+    # On gloo there is no NCCL communicator to cap: the parameter must leave results unchanged.
+    "chunked-ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 4},
 }
 
 

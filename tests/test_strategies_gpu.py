@@ -32,6 +32,7 @@ STRATEGIES = {
     "async": {"name": "async", "min_tokens": 1},
     "async-3-layer": {"name": "async", "micro_batches": 3, "stages": "layer", "split": "seqs", "min_tokens": 1},
     "chunked-3": {"name": "chunked", "chunks": 3, "min_tokens_per_chunk": 1},
+    "chunked-8ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 8},
     "symm": {"name": "symm"},
     "symm-two-shot": {"name": "symm", "one_shot_max_bytes": 0},
     "overlap": {"name": "overlap"},

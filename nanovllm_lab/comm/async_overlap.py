@@ -38,10 +38,11 @@ class AsyncConfig(StrategyConfig):
     split: str = "tokens"       # "tokens": balance token counts; "seqs": balance sequence counts
     min_tokens: int = 128       # below this many tokens in the step: blocking (launch overhead dominates)
     comm_priority: int = -1     # CUDA priority of the communication stream (lower = higher priority)
+    comm_max_ctas: int = 0      # >0: reductions on an NCCL communicator limited to this many CTAs (SMs)
     stages: str = "half"        # "half": attention and MLP halves; "layer": whole decoder layers
 
     def __post_init__(self) -> None:
-        for key, lo in (("micro_batches", 1), ("min_tokens", 0)):
+        for key, lo in (("micro_batches", 1), ("min_tokens", 0), ("comm_max_ctas", 0)):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= {lo}, got {v!r}")
@@ -112,7 +113,7 @@ _HALF_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 class AsyncOverlapStrategy(CommStrategy):
     def __init__(self, cfg: AsyncConfig, info) -> None:
         super().__init__(cfg, info)
-        self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority)
+        self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority, cfg.comm_max_ctas)
         self._deferrable: set[int] | None = None  # ids of weights whose reduction may stay pending; None: eager mode
         self._staged: list[PendingReduction] = []
         self._stage_cache: dict[int, list] = {}

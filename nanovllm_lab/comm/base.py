@@ -137,6 +137,13 @@ def comm_stream(device: torch.device, priority: int = -1) -> "torch.cuda.Stream"
     return _COMM_STREAMS[key]
 
 
+def nccl_group_with_max_ctas(max_ctas: int) -> "dist.ProcessGroup":
+    """A new NCCL group over every rank whose collectives use at most `max_ctas` CTAs (ncclConfig_t.maxCTAs)."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.config.max_ctas = max_ctas
+    return dist.new_group(backend="nccl", pg_options=opts)
+
+
 class PendingReduction:
     """An all-reduce in flight. `wait()` orders the caller after it: on CUDA the current stream waits on an
     event of the communication stream (the host does not block); elsewhere the async work handle is waited."""
@@ -167,9 +174,13 @@ class SideReducer:
     missing wait shows up as wrong numbers there too.
     """
 
-    def __init__(self, device: torch.device, world_size: int, priority: int = -1) -> None:
+    def __init__(self, device: torch.device, world_size: int, priority: int = -1, max_ctas: int = 0) -> None:
         self.world_size = world_size
         self.stream = comm_stream(device, priority) if device.type == "cuda" and world_size > 1 else None
+        # NCCL kernels that overlap compute occupy SMs the GEMMs want (compute interference); a dedicated
+        # communicator capped at `max_ctas` CTAs trades reduction speed for compute SMs (NanoFlow-style SM
+        # partitioning). 0: the default communicator. Created collectively, in the same order on every rank.
+        self.group = nccl_group_with_max_ctas(max_ctas) if self.stream is not None and max_ctas > 0 else None
 
     def fork(self) -> None:
         if self.stream is not None:
@@ -186,7 +197,7 @@ class SideReducer:
             return PendingReduction(t, work=dist.all_reduce(t, async_op=True))
         self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
-            dist.all_reduce(t)  # a sync collective orders itself on the current (communication) stream
+            dist.all_reduce(t, group=self.group)  # a sync collective orders itself on the current stream
             ev = torch.cuda.Event()
             ev.record(self.stream)
         # t was allocated on the compute stream; every consumer (and so every later reuse of its memory

@@ -26,12 +26,16 @@ class ChunkedConfig(StrategyConfig):
     chunks: int = 4
     min_tokens_per_chunk: int = 128
     comm_priority: int = -1     # CUDA priority of the communication stream (lower = higher priority)
+    comm_max_ctas: int = 0      # >0: reductions on an NCCL communicator limited to this many CTAs (SMs)
 
     def __post_init__(self) -> None:
         for key in ("chunks", "min_tokens_per_chunk"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 1, got {v!r}")
+        v = self.comm_max_ctas
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"strategy {self.name!r}: comm_max_ctas must be an integer >= 0, got {v!r}")
         if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
             raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
 
@@ -53,7 +57,7 @@ def chunk_bounds(num_tokens: int, chunks: int, min_tokens_per_chunk: int) -> lis
 class ChunkedStrategy(CommStrategy):
     def __init__(self, cfg: ChunkedConfig, info) -> None:
         super().__init__(cfg, info)
-        self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority)
+        self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority, cfg.comm_max_ctas)
 
     def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
         return self.world_size > 1 and len(chunk_bounds(num_tokens, self.cfg.chunks, self.cfg.min_tokens_per_chunk)) > 2
