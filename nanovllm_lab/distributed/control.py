@@ -18,7 +18,7 @@ import tempfile
 import threading
 import traceback
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Callable
 
 from nanovllm_lab.distributed.parallel import SAFE_ENV
 
@@ -79,6 +79,8 @@ class PipeControlPlane(ControlPlane):
         self.init_file = os.path.join(self.tmpdir, "rendezvous")  # unique per engine: no port to collide on
         self.dead_rank: int | None = None
         self.closing = False
+        # Called from the watchdog thread when a worker dies (the engine aborts NCCL there, see llm_engine).
+        self.on_death: Callable[[int], None] | None = None
         for k, v in SAFE_ENV.items():
             os.environ[k] = v
         ctx = mp.get_context("spawn")
@@ -104,6 +106,8 @@ class PipeControlPlane(ControlPlane):
                     self.dead_rank = rank
                     log.error("tensor-parallel worker rank %d died (exit code %s)", rank,
                               self.procs[rank - 1].exitcode)
+                    if self.on_death is not None:
+                        self.on_death(rank)
 
     def wait_booted(self, timeout_s: float = 120.0) -> None:
         self._wait_for("booted", "start", timeout_s)

@@ -38,6 +38,8 @@ class LLMEngine:
             self.control.wait_booted(120.0)
             self.model_runner = ModelRunner(config, 0, self.control.init_file)
             self.control.wait_ready(600.0)
+            if config.device.startswith("cuda") and isinstance(self.control, PipeControlPlane):
+                self.control.on_death = _abort_nccl
         except BaseException:
             self.exit()
             raise
@@ -158,3 +160,13 @@ class LLMEngine:
         runner = getattr(self, "model_runner", None)
         if runner is not None:
             runner.shutdown()
+
+
+def _abort_nccl(rank: int) -> None:
+    """Unblock rank 0 if it waits in an NCCL collective for a dead worker: NCCL, unlike gloo, does not notice a
+    vanished peer until its timeout. The aborted collective raises; the engine then names the dead rank."""
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+        _abort_process_group()
+    except Exception as e:  # experimental API; the worst case is the NCCL timeout
+        log.warning("could not abort NCCL after worker rank %d died: %s", rank, e)
