@@ -34,6 +34,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_update(qk, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One FlashAttention step over a tile of scores `qk` (log2 units, masked entries -inf): rescale the running
+    max `m_i`, denominator `l_i` and output accumulator `acc` and add the tile's contribution."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     scale_log2, tiles_per_split, num_splits,
@@ -90,13 +102,8 @@ def _decode_partial_kernel(
             v = v.to(tl.float32)
         qk = _dot(q, tl.trans(k), IEEE) * scale_log2  # [G_PAD, BLOCK_N], log2 domain
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        # Every visited tile holds >= 1 valid key, so m_new is finite and no NaN can appear.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        # Every visited tile holds >= 1 valid key, so the running max stays finite and no NaN can appear.
+        m_i, l_i, acc = _online_softmax_update(qk, v, m_i, l_i, acc, IEEE)
 
     # l_i == 0 only for an empty split (or a zero-length padded sequence): emit zeros, not NaN.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

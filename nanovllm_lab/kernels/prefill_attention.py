@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_lab.kernels.decode_attention import _dot
+from nanovllm_lab.kernels.decode_attention import _dot, _online_softmax_update
 
 
 @triton.jit
@@ -58,12 +58,7 @@ def _prefill_inner(
         if MASKED:
             qk = tl.where(valid[None, :] & (q_pos[:, None] >= pos[None, :]), qk, float("-inf"))
         # Key 0 is visible to every query row, so after the first tile m_i is finite: no NaN from -inf - -inf.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_update(qk, v, m_i, l_i, acc, IEEE)
     return acc, l_i, m_i
 
 
