@@ -3,7 +3,8 @@
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps]   (default: all)
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
-# never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300). Multicast stays off.
+# never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; the tests TESTS_S,
+# default 540): one device call runs at most 10 minutes, so give it one or two stages. Multicast stays off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -24,7 +25,7 @@ lab() { timeout "$S" python3 -m nanovllm_lab.run results_dir="$O/lab" progress=f
 for stage in $stages; do
   echo "== $stage"
   case $stage in
-    tests)   timeout "$S" python3 -m pytest -m gpu -q -x tests/ 2>&1 | tee "$O/tests.log" | tail -n 15 ;;
+    tests)   timeout "${TESTS_S:-540}" python3 -m pytest -m gpu -q tests/ 2>&1 | tee "$O/tests.log" | tail -n 15 ;;
     bench)   lab -m workload=bench model=qwen3-0.6b tp=1 torch_compile=false,true   # A/B of the fused layers
              [ "$ngpu" -ge 2 ] && lab -m workload=bench model=qwen3-8b tp=2 +strategy=blocking,overlap,none ;;
     kernels) lab workload=kernels ;;
