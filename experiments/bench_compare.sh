@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bench comparison: nano-vLLM's benchmark (256 random requests, qwen3-0.6b, tp=2) under blocking,
+# Bench comparison: nano-vLLM's benchmark (256 random requests, qwen3-8b, tp=2) under blocking,
 # overlap and none: output tok/s of overlap against blocking and against the no-communication bound.
 # Preset: conf/experiment/bench_compare.yaml (its hydra.sweeper.params define the sweep). Extra arguments are Hydra
 # overrides, e.g.  experiments/bench_compare.sh model=tiny results_dir=/tmp/try

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
-#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps]   (default: all)
+#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps] [scaling]
+#   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; the tests TESTS_S,
@@ -30,13 +31,9 @@ for stage in $stages; do
              [ "$ngpu" -ge 2 ] && lab -m workload=bench model=qwen3-8b tp=2 +strategy=blocking,overlap,none ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=2 ;;
-    steps)   [ "$ngpu" -ge 2 ] && timeout "$S" python3 -c "
-import json, sys
-from nanovllm_lab.comm.layerbench import step_sweep
-rows = step_sweep('qwen3-8b', 2, ['blocking', 'async', 'chunked', 'overlap', 'symm', 'none'])
-json.dump(rows, open('$O/steps_qwen3-8b_tp2.json', 'w'))
-for r in rows: print(r['phase'], r['tokens'], r['strategy'], round(r['t_ms'], 3), r.get('overlap_efficiency'))
-" 2>&1 | tail -n 40 ;;
+    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=qwen3-8b tp=2 \
+               +strategy=blocking,none,async,chunked,overlap,symm ;;
+    scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

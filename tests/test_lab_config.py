@@ -148,6 +148,13 @@ def test_run_and_sweep_dirs_name_strategy_and_tp():
     assert re.fullmatch(r"/r/sweeps/[\d_-]+_sweep", OmegaConf.select(cfg, "hydra.sweep.dir"))
 
 
+def _devices() -> int:
+    import os
+
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+
+
 def test_experiment_sweep_points_compose():
     """Every point of every preset's hydra.sweeper.params composes into valid settings."""
     for exp in options("experiment"):
@@ -157,5 +164,11 @@ def test_experiment_sweep_points_compose():
         assert cfg.tag == exp
         for key, values in params.items():
             for value in str(values).split(","):
-                s = settings_from_config(compose([f"+experiment={exp}", f"{key}={value}"]))
+                point = compose([f"+experiment={exp}", f"{key}={value}"])
+                if key == "tp" and int(value) > _devices():
+                    # A point sized for a bigger machine than this one must fail for exactly that reason.
+                    with pytest.raises(LabConfigError, match=f"tensor_parallel_size={value} exceeds the"):
+                        settings_from_config(point)
+                    continue
+                s = settings_from_config(point)
                 assert s.tag == exp

@@ -111,7 +111,7 @@ class RequestsWorkloadSchema(WorkloadSchema):
 
 @dataclass
 class DecodeWorkloadSchema(WorkloadSchema):
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512])
     context_len: int = 512
     steps: int = 32                 # timed decode steps per batch size
     warmup_steps: int = 4
