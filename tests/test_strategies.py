@@ -96,6 +96,8 @@ STRATEGIES = {
     "chunked-4-fallback": {"name": "chunked", "chunks": 4, "min_tokens_per_chunk": 16},
     # On gloo there is no NCCL communicator to cap: the parameter must leave results unchanged.
     "chunked-ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 4},
+    "rsag": {"name": "rsag"},  # odd token counts pad the collectives; one-token decode steps too
+    "rsag-fallback": {"name": "rsag", "min_tokens": 8},  # decode steps (<= 8 tokens) take the blocking path
 }
 
 

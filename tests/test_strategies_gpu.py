@@ -34,6 +34,7 @@ STRATEGIES = {
     "chunked-3": {"name": "chunked", "chunks": 3, "min_tokens_per_chunk": 1},
     "chunked-8ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 8},
     "symm": {"name": "symm"},
+    "rsag": {"name": "rsag"},
     "symm-two-shot": {"name": "symm", "one_shot_max_bytes": 0},
     "overlap": {"name": "overlap"},
 }

@@ -18,7 +18,7 @@ from nanovllm_lab.distributed.parallel import ParallelInfo
 from nanovllm_lab.utils.registry import Registry
 
 # Each built-in strategy module registers itself on import.
-_BUILTIN_MODULES = ("blocking", "none", "async_overlap", "chunked", "overlap", "symm")
+_BUILTIN_MODULES = ("blocking", "none", "async_overlap", "chunked", "overlap", "symm", "seqpar")
 
 
 @dataclass(frozen=True)

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", default="2048,8192")
     a = ap.parse_args(argv)
     strategies = ["blocking", "async", {"name": "async", "stages": "layer"}, "chunked", "symm", "overlap",
-                  {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}]
+                  {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}, "rsag"]
     rows: list[dict] = []
     for phase, toks in (("decode", a.decode), ("prefill", a.prefill)):
         t = time.time()

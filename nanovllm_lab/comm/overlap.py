@@ -40,14 +40,14 @@ from nanovllm_lab.utils.context import get_context
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
-DELEGATES = ("blocking", "async", "chunked", "symm")
+DELEGATES = ("blocking", "async", "chunked", "symm", "rsag")
 
 
 @dataclass(frozen=True)
 class OverlapConfig(StrategyConfig):
     name: str = "overlap"
     table: str = ""                                        # path of a table; "" = tables/default.json
-    candidates: tuple = ("blocking", "async", "chunked", "symm")
+    candidates: tuple = ("blocking", "async", "chunked", "symm", "rsag")
 
     def __post_init__(self) -> None:
         cands = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)

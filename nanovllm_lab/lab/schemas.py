@@ -84,7 +84,7 @@ def strategy_schemas() -> dict[str, Any]:
 
 
 # The options conf/strategy/ has a YAML file for.
-KNOWN_STRATEGIES = ("blocking", "none", "async", "chunked", "overlap", "symm")
+KNOWN_STRATEGIES = ("blocking", "none", "async", "chunked", "overlap", "symm", "rsag")
 
 
 # -- workloads --------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class LayerWorkloadSchema(WorkloadSchema):
     """One decoder layer timed per strategy, phase and token count (nanovllm_lab.comm.layerbench)."""
 
     arch: Optional[str] = None      # default: model.name
-    strategies: list[str] = field(default_factory=lambda: ["blocking", "async", "chunked", "symm"])
+    strategies: list[str] = field(default_factory=lambda: ["blocking", "async", "chunked", "symm", "rsag"])
     tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 2048, 8192])
     phases: list[str] = field(default_factory=lambda: ["decode", "prefill"])
     repeats: int = 20

@@ -1,0 +1,86 @@
+"""`rsag`: every row-parallel reduction split into a reduce-scatter and an all-gather, with the residual add
+and RMSNorm run in between on each rank's shard of the tokens (Megatron-style sequence parallelism).
+
+The same bytes cross the links as with one ring all-reduce, but the norms and the residual stream shrink by
+tp x, and the two halves are the form that tile-pipelined GEMM+communication builds on (Flux's GEMM+RS /
+AG+GEMM, PyTorch async TP, TokenWeave's RS + norm + AG). Per decoder layer:
+
+    x = AG(norm(residual shard))  ->  attention (o_proj unreduced)  ->  RS  ->  add + norm on the shard
+    x = AG(...)                   ->  MLP (down_proj unreduced)     ->  RS  ->  next layer
+
+Token counts not divisible by tp are padded for the collectives only. Below `min_tokens` tokens (or at tp=1)
+the blocking path runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strategy
+from nanovllm_lab.utils.context import AttentionContext
+
+_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass(frozen=True)
+class RsAgConfig(StrategyConfig):
+    name: str = "rsag"
+    min_tokens: int = 1  # below this many tokens in a step: blocking (two collectives cost two launches)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 1:
+            raise ValueError(f"strategy {self.name!r}: min_tokens must be an integer >= 1, got {self.min_tokens!r}")
+
+
+@register_strategy("rsag", RsAgConfig)
+class ReduceScatterAllGatherStrategy(CommStrategy):
+    def __init__(self, cfg: RsAgConfig, info) -> None:
+        super().__init__(cfg, info)
+        self._unreduced = False  # inside run_layers: row-parallel GEMMs return their partial sums
+
+    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
+        return self.world_size > 1 and num_tokens >= self.cfg.min_tokens
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        return y if self._unreduced else self.all_reduce(y)
+
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        if not self.applicable(None, n) or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
+            return super().run_layers(layers, positions, hidden)
+        rows = -(-n // self.world_size)  # each rank's shard of the (padded) tokens
+        pad = rows * self.world_size - n
+
+        def reduce_scatter(partial: torch.Tensor) -> torch.Tensor:
+            if pad:
+                partial = F.pad(partial, (0, 0, 0, pad))
+            out = partial.new_empty(rows, partial.shape[1])
+            dist.reduce_scatter_tensor(out, partial.contiguous())
+            return out
+
+        def all_gather(shard: torch.Tensor) -> torch.Tensor:
+            full = shard.new_empty(rows * self.world_size, shard.shape[1])
+            dist.all_gather_into_tensor(full, shard.contiguous())
+            return full[:n]
+
+        padded = F.pad(hidden, (0, 0, 0, pad)) if pad else hidden
+        residual = padded[self.rank * rows:(self.rank + 1) * rows]  # the embedding is replicated: no collective
+        summed = None  # this rank's shard of the last reduction, not yet added to the residual
+        self._unreduced = True
+        try:
+            for layer in layers:
+                if summed is None:
+                    h = layer.input_layernorm(residual)
+                else:
+                    h, residual = layer.input_layernorm(summed, residual)
+                attn = layer.self_attn(positions, all_gather(h))
+                h, residual = layer.post_attention_layernorm(reduce_scatter(attn), residual)
+                summed = reduce_scatter(layer.mlp(all_gather(h)))
+        finally:
+            self._unreduced = False
+        # The model's final norm adds and normalises full tensors.
+        return all_gather(summed), all_gather(residual)
