@@ -31,6 +31,7 @@ class ParallelInfo:
 
 
 _INFO = ParallelInfo()
+_SAVED_THREADS: int | None = None  # this process's thread count before a CPU tensor-parallel engine lowered it
 
 
 def get_parallel_info() -> ParallelInfo:
@@ -56,6 +57,8 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
         torch.cuda.set_device(rank)
     elif world_size > 1:
         # N CPU ranks each using every core oversubscribe the machine (measured 5x slower layer sweeps).
+        global _SAVED_THREADS
+        _SAVED_THREADS = torch.get_num_threads()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if world_size > 1:
         backend = "nccl" if dev.startswith("cuda") else "gloo"
@@ -67,7 +70,10 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
 
 
 def destroy_distributed() -> None:
-    global _INFO
+    global _INFO, _SAVED_THREADS
+    if _SAVED_THREADS is not None:  # rank 0 lives on after its engine: give the threads back
+        torch.set_num_threads(_SAVED_THREADS)
+        _SAVED_THREADS = None
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
