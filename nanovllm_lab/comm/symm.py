@@ -101,11 +101,12 @@ class SymmStrategy(CommStrategy):
         import torch.distributed._symmetric_memory as symm_mem
         group = dist.group.WORLD
         self.group_name = group.group_name
-        # Before torch 2.8 a group had to be registered first. Later releases resolve the group by name at
-        # rendezvous, and registering it would pin the group's *store* under its name for the life of the
-        # process: the next engine in the same process (a sweep's next job) reuses the name "0" for a new group
-        # and would rendezvous through the dead store of the old one (a hang seen on 2 x H200).
-        if _torch_before(2, 8) and hasattr(symm_mem, "enable_symm_mem_for_group"):
+        # Before torch 2.11 a group had to be registered first (pytorch PR 172163 deprecated that: rendezvous now
+        # resolves the group and its store by name). Registering it anyway pins the group's *store* under its
+        # name for the life of the process: the next engine in the same process (a sweep's next job) reuses
+        # the name "0" for a new group and would rendezvous through the dead store of the old one (the
+        # suspected cause of a hang seen on 2 x H200, torch 2.11).
+        if _torch_before(2, 11) and hasattr(symm_mem, "enable_symm_mem_for_group"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 symm_mem.enable_symm_mem_for_group(self.group_name)
