@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nanovllm_lab.config import Config
-from nanovllm_lab.lab.schemas import KNOWN_STRATEGIES, strategy_schemas
+from nanovllm_lab.comm import STRATEGIES
+from nanovllm_lab.lab.schemas import strategy_schemas
 from nanovllm_lab.lab.settings import LabConfigError, settings_from_config
 from nanovllm_lab.lab.testing import CONF_DIR, compose
 from nanovllm_lab.models.arch import BUILTIN_ARCHS
@@ -54,7 +55,7 @@ def test_groups_cover_the_registries():
     from nanovllm_lab.lab.loggers import LOGGERS
     from nanovllm_lab.lab.workloads import WORKLOADS
     assert set(options("model")) == set(BUILTIN_ARCHS)
-    assert set(options("strategy")) == set(KNOWN_STRATEGIES)
+    assert set(options("strategy")) == set(STRATEGIES.names())
     assert set(options("workload")) == set(WORKLOADS.names())
     assert set(options("logger")) == set(LOGGERS.names())
 

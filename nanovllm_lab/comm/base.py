@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,8 +18,6 @@ import torch.nn.functional as F
 from nanovllm_lab.distributed.parallel import ParallelInfo
 from nanovllm_lab.utils.registry import Registry
 
-# Each built-in strategy module registers itself on import.
-_BUILTIN_MODULES = ("blocking", "none", "async_overlap", "chunked", "overlap", "symm", "seqpar")
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,12 @@ def register_strategy(name: str, config_cls: type[StrategyConfig]) -> Callable[[
 
 
 def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"nanovllm_lab.comm.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"nanovllm_lab.comm.{mod}":
-                raise
+    """Import every module of this package: a strategy module registers itself, so adding a strategy is one
+    new file here (plus its YAML in conf/strategy/)."""
+    import nanovllm_lab.comm as package
+    for mod in pkgutil.iter_modules(package.__path__):
+        if mod.name != "base" and not mod.ispkg:
+            importlib.import_module(f"nanovllm_lab.comm.{mod.name}")
 
 
 def resolve_strategy(spec: Any) -> StrategyConfig:

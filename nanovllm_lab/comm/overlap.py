@@ -40,21 +40,29 @@ from nanovllm_lab.utils.context import get_context
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
-DELEGATES = ("blocking", "async", "chunked", "symm", "rsag")
+NOT_DELEGATES = ("overlap", "none")  # itself, and the bound that gives wrong outputs
+
+
+def delegates() -> list[str]:
+    """The strategies `overlap` may choose from: every registered one but itself and `none`."""
+    from nanovllm_lab.comm.base import STRATEGIES, _load_builtins
+    _load_builtins()
+    return [n for n in STRATEGIES.names() if n not in NOT_DELEGATES]
 
 
 @dataclass(frozen=True)
 class OverlapConfig(StrategyConfig):
     name: str = "overlap"
     table: str = ""                                        # path of a table; "" = tables/default.json
-    candidates: tuple = ("blocking", "async", "chunked", "symm", "rsag")
+    candidates: tuple = ()  # the strategies it may pick; empty: every registered one but overlap and none
 
     def __post_init__(self) -> None:
         cands = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
-        object.__setattr__(self, "candidates", cands)  # lists from YAML / dicts become hashable tuples
-        bad = [c for c in cands if c not in DELEGATES]
-        if bad or not cands:
-            raise ValueError(f"strategy {self.name!r}: candidates must be a non-empty subset of {DELEGATES}, "
+        valid = delegates()
+        object.__setattr__(self, "candidates", cands or tuple(valid))  # YAML lists become hashable tuples
+        bad = [c for c in cands if c not in valid]
+        if bad:
+            raise ValueError(f"strategy {self.name!r}: candidates must be a subset of {valid}, "
                              f"got {self.candidates!r}")
         if not isinstance(self.table, str) or (self.table and not os.path.isfile(self.table)):
             raise ValueError(f"strategy {self.name!r}: table {self.table!r} is not a file")
@@ -72,6 +80,7 @@ def load_table(path: str = "") -> dict:
         table = json.load(f)
     if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
         raise ValueError(f"overlap table {path}: expected an object with a list 'entries'")
+    valid = delegates()
     for i, e in enumerate(table["entries"]):
         for phase, rules in e.get("rules", {}).items():
             if phase not in ("prefill", "decode"):
@@ -80,9 +89,9 @@ def load_table(path: str = "") -> dict:
                 if "choices" not in r:  # shorthand: one strategy per rule
                     r["choices"] = [{"strategy": r.pop("strategy"), "params": r.pop("params", {})}]
                 for c in r["choices"]:
-                    if c["strategy"] not in DELEGATES:
+                    if c["strategy"] not in valid:
                         raise ValueError(f"overlap table {path}: entry {i} names {c['strategy']!r}; "
-                                         f"valid: {', '.join(DELEGATES)}")
+                                         f"valid: {', '.join(valid)}")
                     resolve_strategy({"name": c["strategy"], **(c.get("params") or {})})
             rules.sort(key=lambda r: math.inf if r.get("max_tokens") is None else r["max_tokens"])
     return table
@@ -226,9 +235,10 @@ class OverlapStrategy(CommStrategy):
 # -- writing a table from measurements ----------------------------------------------------------------
 def _rules_from(rows: list[dict]) -> dict[str, list[dict]]:
     by_point: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    valid = delegates()
     for r in rows:
         # `none` gives wrong outputs and `overlap` cannot delegate to itself: neither is a choice.
-        if r["strategy"] in DELEGATES and math.isfinite(r["t_ms"]):
+        if r["strategy"] in valid and math.isfinite(r["t_ms"]):
             by_point[(r["phase"], int(r["tokens"]))].append(r)
     rules: dict[str, list[dict]] = {}
     for phase in ("prefill", "decode"):

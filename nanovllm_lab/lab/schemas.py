@@ -73,18 +73,10 @@ def strategy_schema(config_cls: type) -> type:
 
 
 def strategy_schemas() -> dict[str, Any]:
-    """Schema per registered engine strategy; a plain mapping for a name the engine lacks, so the config still
-    composes and the engine's registry reports the unknown strategy with the valid names."""
+    """Schema per registered engine strategy (conf/strategy/ has one YAML file per registered name)."""
     from nanovllm_lab.comm import STRATEGIES, resolve_strategy
     resolve_strategy("blocking")  # imports the built-in strategy modules, which register themselves
-    out: dict[str, Any] = {name: strategy_schema(STRATEGIES.get(name)[0]) for name in STRATEGIES.names()}
-    for name in KNOWN_STRATEGIES:
-        out.setdefault(name, {"name": name})
-    return out
-
-
-# The options conf/strategy/ has a YAML file for.
-KNOWN_STRATEGIES = ("blocking", "none", "async", "chunked", "overlap", "symm", "rsag")
+    return {name: strategy_schema(STRATEGIES.get(name)[0]) for name in STRATEGIES.names()}
 
 
 # -- workloads --------------------------------------------------------------------------------------
