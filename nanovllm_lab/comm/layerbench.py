@@ -52,6 +52,7 @@ class _Job:
     stack: int
     cuda_graph: bool
     dtype: str | None
+    prefill_graph: bool = False  # also replay prefill from CUDA graphs (separates launch cost from overlap)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -207,7 +208,7 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
                 hidden = torch.randn(n, arch.hidden_size, dtype=dtype, device=dev)
                 x_row = torch.randn(n, arch.intermediate_size // world, dtype=dtype, device=dev)
                 comm_bufs = [torch.randn(n, arch.hidden_size, dtype=dtype, device=dev) for _ in range(2)]
-                graph = job.cuda_graph and dev.type == "cuda" and phase == "decode"
+                graph = job.cuda_graph and dev.type == "cuda" and (phase == "decode" or job.prefill_graph)
 
                 def unit_fn(unit: str, s: Any) -> Callable[[], Any]:
                     def run() -> Any:
@@ -271,12 +272,13 @@ def _resolve_device(device: str) -> str:
 def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], phases=("prefill", "decode"),
                 repeats: int = 20, device: str = "auto", *, warmup: int = 3, prefill_seqs: int = 4,
                 decode_context: int = 512, block_size: int = 256, stack: int = 1, cuda_graph: bool = True,
-                dtype: str | None = None, timeout_s: float = 1800.0) -> list[dict]:
+                dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = False) -> list[dict]:
     """Rows (ROW_KEYS) per unit ("layer", "row_linear") x phase x tokens x strategy; see the module doc.
     `strategies` holds names or specs ({"name": "chunked", "chunks": 2}); an unavailable one (symm on
     gloo) gives rows with NaN times and the reason in `error`."""
     job = _Job(arch_name, int(tp), tuple(strategies), tuple(int(t) for t in tokens), tuple(phases), int(repeats),
-               _resolve_device(device), warmup, prefill_seqs, decode_context, block_size, stack, cuda_graph, dtype)
+               _resolve_device(device), warmup, prefill_seqs, decode_context, block_size, stack, cuda_graph, dtype,
+               prefill_graph)
     if job.repeats < 1 or not job.tokens or min(job.tokens) < 1:
         raise ValueError("layer_sweep needs repeats >= 1 and token counts >= 1")
     for spec in job.strategies:
@@ -396,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode", default="8,128")
     ap.add_argument("--prefill", default="2048,8192")
+    ap.add_argument("--prefill-graph", action="store_true", help="time prefill from CUDA graphs too")
     a = ap.parse_args(argv)
     strategies = ["blocking", "async", {"name": "async", "stages": "layer"}, "chunked", "symm", "overlap",
                   {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}, "rsag"]
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     for phase, toks in (("decode", a.decode), ("prefill", a.prefill)):
         t = time.time()
         rows += layer_sweep(a.arch, a.tp, strategies, [int(x) for x in toks.split(",")], (phase,), a.repeats,
-                            "auto", stack=2)
+                            "auto", stack=2, prefill_graph=a.prefill_graph)
         print(f"{phase} sweep {time.time() - t:.1f} s", flush=True)
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:
