@@ -105,7 +105,7 @@ class ModelRunner:
             cu.append(cu[-1] + x)
         step = StepInput(True, torch.zeros(n, dtype=torch.int64), torch.cat([torch.arange(x) for x in lens]),
                          torch.full((n,), -1, dtype=torch.int32), torch.zeros(len(lens)), cu, cu, None, None)
-        self._forward(step)
+        self._forward(step, step.to_context(self.device))
         torch.cuda.synchronize(self.device)
 
     def _allocate_kv_cache(self) -> int:
@@ -142,9 +142,9 @@ class ModelRunner:
         return num_blocks
 
     # -- forward -------------------------------------------------------------------------------------
-    def _forward(self, step: StepInput) -> torch.Tensor:
-        """Hidden states of this step's tokens (eager), with the attention context installed."""
-        set_context(step.to_context(self.device))
+    def _forward(self, step: StepInput, ctx: AttentionContext) -> torch.Tensor:
+        """Hidden states of this step's tokens (eager), with the step's attention context installed."""
+        set_context(ctx)
         try:
             ids = step.input_ids.to(self.device, non_blocking=True)
             pos = step.positions.to(self.device, non_blocking=True)
@@ -157,12 +157,10 @@ class ModelRunner:
         """Run one step on this rank; rank 0 returns the sampled token of each sequence."""
         timer = _Timer(self.device)
         use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
-        if use_graph:
-            hidden = self.graphs.replay(step)
-            set_context(AttentionContext(is_prefill=False))
-        else:
-            hidden = self._forward(step)
-            set_context(step.to_context(self.device))  # the LM head picks last tokens from cu_seqlens
+        # Built once: the eager forward and the LM head (last tokens from cu_seqlens) share it.
+        ctx = AttentionContext(is_prefill=False) if use_graph else step.to_context(self.device)
+        hidden = self.graphs.replay(step) if use_graph else self._forward(step, ctx)
+        set_context(ctx)
         try:
             logits = self.model.compute_logits(hidden)
         finally:
