@@ -82,26 +82,28 @@ def test_truncated_safetensors(qwen3_dir, tmp_path):
         LLM(str(bad))
 
 
-def test_missing_tensor_named(qwen3_dir, tmp_path):
+def _edited_checkpoint(src: str, dest, edit) -> str:
+    """A copy of the checkpoint whose tensors went through `edit(dict)`."""
     from safetensors.torch import load_file, save_file
-    bad = tmp_path / "missing"
-    shutil.copytree(qwen3_dir, bad)
-    tensors = load_file(bad / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, bad / "model.safetensors")
+    shutil.copytree(src, dest)
+    tensors = load_file(dest / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors")
+    return str(dest)
+
+
+def test_missing_tensor_named(qwen3_dir, tmp_path):
+    bad = _edited_checkpoint(qwen3_dir, tmp_path / "missing",
+                             lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match="missing tensor.*model.layers.1.mlp.up_proj.weight"):
-        LLM(str(bad))
+        LLM(bad)
 
 
 def test_misshaped_tensor_named(qwen3_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    bad = tmp_path / "shape"
-    shutil.copytree(qwen3_dir, bad)
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"][:, :8].contiguous()
-    save_file(tensors, bad / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    bad = _edited_checkpoint(qwen3_dir, tmp_path / "shape", lambda t: t.update({name: t[name][:, :8].contiguous()}))
     with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.weight"):
-        LLM(str(bad))
+        LLM(bad)
 
 
 def test_tp_errors_leave_no_process(qwen3_dir, tmp_path):

@@ -25,17 +25,9 @@ class ParallelInfo:
     world_size: int = 1
     device: str = "cpu"
 
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
-
 
 _INFO = ParallelInfo()
 _SAVED_THREADS: int | None = None  # this process's thread count before a CPU tensor-parallel engine lowered it
-
-
-def get_parallel_info() -> ParallelInfo:
-    return _INFO
 
 
 def tp_rank() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,6 @@ class ModelArch:
     attention_bias: bool = False
     path: str | None = None        # checkpoint directory, None for built-ins
     builtin: bool = False
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_params(self) -> int:
