@@ -28,7 +28,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    torch_compile: bool = False  # fuse RMSNorm / RoPE / SiLU-mul with torch.compile (utils/compile.py)
+    torch_compile: bool | None = None  # fuse RMSNorm/RoPE/SiLU-mul/sampler (utils/compile.py); None: on for cuda
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     cpu_kvcache_bytes: int = 256 * 2**20  # the KV budget on cpu when num_kvcache_blocks is -1
@@ -61,7 +61,8 @@ class Config:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "device", "must be 'auto', 'cpu' or 'cuda'")
         need(isinstance(self.enforce_eager, bool), "enforce_eager", "must be a bool")
-        need(isinstance(self.torch_compile, bool), "torch_compile", "must be a bool")
+        need(self.torch_compile is None or isinstance(self.torch_compile, bool), "torch_compile",
+             "must be a bool or None (automatic)")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory or a built-in name")
 
     @classmethod
@@ -90,6 +91,8 @@ class Config:
         if tp > available:
             kind = "CUDA devices" if cfg.device.startswith("cuda") else "CPU cores"
             raise ValueError(f"Config.tensor_parallel_size={tp} exceeds the {available} {kind} available")
+        if cfg.torch_compile is None:  # measured on an H200: decode step 10.7 -> 7.2 ms (results/LOG.md)
+            cfg.torch_compile = cfg.device.startswith("cuda")
         if cfg.load_format == "auto":
             cfg.load_format = "dummy" if arch.builtin else "safetensors"
         if cfg.load_format == "safetensors" and arch.builtin:

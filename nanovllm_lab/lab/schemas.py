@@ -178,7 +178,7 @@ class LabConfig:
     device: str = "auto"
     dtype: str = "auto"
     enforce_eager: bool = False
-    torch_compile: bool = False     # fuse the small elementwise layers with torch.compile
+    torch_compile: Optional[bool] = None  # fuse the small elementwise layers with torch.compile; null: on for cuda
     max_model_len: int = 4096
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1

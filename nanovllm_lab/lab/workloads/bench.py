@@ -39,8 +39,11 @@ class RequestsWorkload(Workload):
         params = [SamplingParams(temperature=p.temperature, ignore_eos=p.ignore_eos,
                                  max_tokens=rng.randint(p.min_output_len, p.max_output_len)) for _ in prompts]
         if p.warmup:
+            # The same shapes as the timed run (long and short prompts in one prefill, then decode), so Triton's
+            # and inductor's compilations for them happen here and not inside the timed run.
+            warm = random_prompts(rng, 16, p.min_input_len, p.max_input_len, max_id)
             with ctx.warmup():
-                run_requests(llm, [[rng.randint(0, max_id) for _ in range(16)]], [SamplingParams(max_tokens=4)])
+                run_requests(llm, warm, [SamplingParams(temperature=p.temperature, max_tokens=8)] * len(warm))
         bar = ctx.bar(len(prompts), f"{p.name} [{self.settings.strategy_name} tp{self.settings.tp}]")
         with ctx.timed():
             requests, _, elapsed = run_requests(llm, prompts, params, bar)
