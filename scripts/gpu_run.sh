@@ -22,7 +22,7 @@ stages=${*:-tests bench kernels layer steps}
 } > "$O/env.txt" 2>&1
 cat "$O/env.txt"
 ngpu=$(nvidia-smi -L | wc -l)
-lab() { timeout "$S" python3 -m nanovllm_lab.run results_dir="$O/lab" progress=false "$@" 2>&1 | tail -n 40; }
+lab() { timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false 2>&1 | tail -n 40; }
 for stage in $stages; do
   echo "== $stage"
   case $stage in
