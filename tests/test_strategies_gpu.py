@@ -24,7 +24,8 @@ if torch.cuda.device_count() < 2:
 from nanovllm_lab import LLM, SamplingParams  # noqa: E402
 
 ENGINE = dict(tensor_parallel_size=2, max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=96,
-              max_num_batched_tokens=96, max_num_seqs=8, device="cuda")
+              max_num_batched_tokens=96, max_num_seqs=8, device="cuda",
+              torch_compile=False)  # what is under test is the reductions; compiling costs each engine seconds
 BATCH_A = [[7], list(range(1, 8)), list(range(3, 36)), list(range(1, 65)), [5, 4, 3, 2, 1], list(range(40, 170))]
 BATCH_B = [list(range(1, 65)) + [9], list(range(1, 65)) + [11, 12, 13]]  # prefix-cache hits
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
