@@ -62,13 +62,22 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
 
 
 def destroy_distributed() -> None:
+    """Tear down this process's process group. NCCL groups are aborted rather than destroyed: on 2 x H200
+    (torch 2.11, NCCL 2.28) `destroy_process_group` after CUDA-graph decode hung in both ranks at engine exit
+    (each rank's teardown waited for its peer; the worker was then killed and rank 0 waited forever). An abort
+    is local to the rank, and the engine only tears down after its last step has finished."""
     global _INFO, _SAVED_THREADS
     if _SAVED_THREADS is not None:  # rank 0 lives on after its engine: give the threads back
         torch.set_num_threads(_SAVED_THREADS)
         _SAVED_THREADS = None
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.destroy_process_group()
+            if dist.get_backend() == "nccl":
+                torch.cuda.synchronize()
+                from torch.distributed.distributed_c10d import _abort_process_group
+                _abort_process_group()
+            else:
+                dist.destroy_process_group()
         except Exception as e:  # a peer may already be gone; nothing left to synchronise with
             log.debug("destroy_process_group: %s", e)
     _INFO = ParallelInfo()

@@ -180,11 +180,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Release the process group and the device memory (model, KV cache, graph pool), so that the next
         engine in this process (a sweep's next job) sizes its KV cache from a clean device."""
-        if getattr(self, "strategy", None) is not None:
-            self.strategy.close()
-        set_comm(None)
-        set_compile(False)
-        destroy_distributed()
+        # Graphs (which hold captured NCCL kernels), model and cache go first, the process group last.
         for m in getattr(self, "attn_layers", []):
             m.k_cache = m.v_cache = torch.tensor([])
         self.graphs = self.model = self.kv_cache = self.logits_log = None
@@ -192,6 +188,11 @@ class ModelRunner:
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             gc.collect()  # graphs and modules can sit in reference cycles
             torch.cuda.empty_cache()
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
+        set_comm(None)
+        set_compile(False)
+        destroy_distributed()
 
 
 class _Timer:
