@@ -33,3 +33,19 @@ def test_worker_death_over_nccl_raises_naming_rank():
     finally:
         llm.exit()
     assert mp.active_children() == []
+
+
+def test_exit_after_cuda_graph_decode_is_prompt():
+    """Seen on 2 x H200 (torch 2.11, NCCL 2.28): after CUDA-graph decode at tp=2, destroy_process_group hung in
+    both ranks at exit (results/gpu/2026-11-28b_h200/exit_hang_*.log). The engine now aborts NCCL instead."""
+    llm = LLM("tiny", tensor_parallel_size=2, dtype="bfloat16", max_model_len=256, max_num_seqs=8,
+              gpu_memory_utilization=0.2, torch_compile=False)
+    try:
+        assert llm.model_runner.graphs is not None
+        out = llm.generate([[7], list(range(1, 40))], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+        assert [len(o["token_ids"]) for o in out] == [6, 6]
+    finally:
+        t = time.monotonic()
+        llm.exit()
+    assert time.monotonic() - t < 20
+    assert mp.active_children() == []
