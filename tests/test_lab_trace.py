@@ -69,3 +69,11 @@ def test_chrome_trace_parsing(tmp_path):
     events = events_from_chrome_trace(path)
     assert events == [TraceEvent("gemm", 1.5, 3.0, "kernel"), TraceEvent("ncclKernel", 2.0, 4.0, "kernel")]
     assert analyze_events(events)["concurrent_comm_us"] == pytest.approx(2.5)
+
+
+def test_compute_interference_split_by_kernel_name():
+    from nanovllm_lab.comm.interference import split_kernel_ms
+    kernels = [("nvjet_sm90_tst_256x128", 3000.0), ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 900.0),
+               ("_decode_partial_kernel", 1500.0), ("one_shot_all_reduce_kernel", 300.0)]
+    compute, comm = split_kernel_ms(kernels, calls=3)
+    assert compute == pytest.approx(1.5) and comm == pytest.approx(0.4)

@@ -8,7 +8,9 @@ strategy asked for plus T_blocking, T_none and T_comm (the unit's all-reduces of
 CUDA: events, warm-up, decode timed as CUDA-graph replays (like the engine); CPU: perf_counter. Variants
 are timed round-robin within each repeat so drift hits all alike; ranks meet at a barrier before each.
 Rows hold the median and p10/p90 of the repeats, per layer (`stack` > 1 runs the layer that many times in
-one call, so the pipeline fill/drain of micro-batching is amortised as in a full model).
+one call, so the pipeline fill/drain of micro-batching is amortised as in a full model). On cuda, each
+strategy's layer call is also profiled (3 calls, rank 0) for its compute-kernel time and compute
+interference against `none` (comm/interference.py).
 
 `step_sweep` times whole engine steps per strategy through `ModelRunner.step_hooks`.
 """
@@ -33,7 +35,7 @@ from nanovllm_lab.distributed.parallel import SAFE_ENV
 
 ROW_KEYS = ("arch", "tp", "phase", "tokens", "seqs", "unit", "strategy", "params", "t_ms", "t_p10_ms", "t_p90_ms",
             "t_blocking_ms", "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency", "comm_calls",
-            "stack", "cuda_graph", "device", "card", "error")
+            "stack", "cuda_graph", "device", "card", "error", "compute_kernel_ms", "compute_interference")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class _Job:
     cuda_graph: bool
     dtype: str | None
     prefill_graph: bool = False  # also replay prefill from CUDA graphs (separates launch cost from overlap)
+    interference: bool = True  # profile each strategy's layer kernels on cuda (comm/interference.py)
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -150,6 +153,7 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
 
     from nanovllm_lab.attention.base import get_backend, resolve_backend
     from nanovllm_lab.comm.base import StrategyConfig, build_strategy, resolve_strategy, set_comm
+    from nanovllm_lab.comm.interference import kernel_ms
     from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
     from nanovllm_lab.layers.attention import Attention
     from nanovllm_lab.layers.linear import RowParallelLinear
@@ -238,19 +242,28 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
                             fns[k], g = _graphed(fns[k], dev)
                             keep.append(g)
                     t = _measure(fns, job, dev, world)
+                    kern: dict[str, tuple[float, float]] = {}
+                    if job.interference and unit == "layer" and dev.type == "cuda":
+                        for k in strategies:  # every rank runs the calls (collectives); rank 0 profiles
+                            if world > 1:
+                                dist.barrier()
+                            kern[k] = kernel_ms(fns[k], 3, profile=rank == 0)
                     del keep
                     stat = {k: (_quantile(v, 0.5) / scale, _quantile(v, 0.1) / scale, _quantile(v, 0.9) / scale)
                             for k, v in t.items()}
                     tb, tn, tc = stat["blocking"][0], stat["none"][0], stat["__comm__"][0]
                     for label, name, params in labels:
                         tm, p10, p90 = stat.get(label, (math.nan,) * 3)
+                        ck = kern.get(label, (math.nan, math.nan))[0] / scale
+                        cn = kern.get("none", (math.nan, math.nan))[0] / scale
                         rows.append({
                             "arch": job.arch, "tp": job.tp, "phase": phase, "tokens": n, "seqs": ctx.num_seqs,
                             "unit": unit, "strategy": name, "params": json.dumps(params, sort_keys=True),
                             "t_ms": tm, "t_p10_ms": p10, "t_p90_ms": p90, "t_blocking_ms": tb, "t_none_ms": tn,
                             "t_comm_ms": tc, "exposed_comm_ms": tm - tn, "overlap_efficiency": efficiency(tm, tb, tn),
                             "comm_calls": calls // scale, "stack": job.stack, "cuda_graph": graph,
-                            "device": dev.type, "card": card, "error": errors.get(label, "")})
+                            "device": dev.type, "card": card, "error": errors.get(label, ""),
+                            "compute_kernel_ms": ck, "compute_interference": ck / cn if cn > 0 else math.nan})
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
         for s in strategies.values():
@@ -272,13 +285,14 @@ def _resolve_device(device: str) -> str:
 def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], phases=("prefill", "decode"),
                 repeats: int = 20, device: str = "auto", *, warmup: int = 3, prefill_seqs: int = 4,
                 decode_context: int = 512, block_size: int = 256, stack: int = 1, cuda_graph: bool = True,
-                dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = False) -> list[dict]:
+                dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = False,
+                interference: bool = True) -> list[dict]:
     """Rows (ROW_KEYS) per unit ("layer", "row_linear") x phase x tokens x strategy; see the module doc.
     `strategies` holds names or specs ({"name": "chunked", "chunks": 2}); an unavailable one (symm on
     gloo) gives rows with NaN times and the reason in `error`."""
     job = _Job(arch_name, int(tp), tuple(strategies), tuple(int(t) for t in tokens), tuple(phases), int(repeats),
                _resolve_device(device), warmup, prefill_seqs, decode_context, block_size, stack, cuda_graph, dtype,
-               prefill_graph)
+               prefill_graph, interference)
     if job.repeats < 1 or not job.tokens or min(job.tokens) < 1:
         raise ValueError("layer_sweep needs repeats >= 1 and token counts >= 1")
     for spec in job.strategies:
@@ -415,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f'{r["unit"]:10s} {r["phase"]:7s} {r["tokens"]:5d} {r["strategy"]:8s} {str(r.get("params", ""))[:28]:28s} '
               f't={r["t_ms"] * 1e3:8.1f}us blk={r["t_blocking_ms"] * 1e3:8.1f} none={r["t_none_ms"] * 1e3:8.1f} '
-              f'comm={r["t_comm_ms"] * 1e3:7.1f} eff={r["overlap_efficiency"]:.2f} {str(r.get("error", ""))[:40]}')
+              f'comm={r["t_comm_ms"] * 1e3:7.1f} eff={r["overlap_efficiency"]:.2f} intf={r["compute_interference"]:.2f} '
+              f'{str(r.get("error", ""))[:40]}')
 
 
 if __name__ == "__main__":

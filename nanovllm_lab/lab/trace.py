@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
+from nanovllm_lab.comm.interference import COMM_KERNEL_RE, is_comm_kernel  # noqa: F401 (re-exported)
 from nanovllm_lab.lab.results import atomic_write
 
-COMM_KERNEL_RE = re.compile(r"nccl|all_?reduce|one_shot|two_shot|symm|cross_device|reduce_scatter|all_gather",
-                            re.IGNORECASE)
 KERNEL_CATEGORIES = frozenset({"kernel"})  # torch.profiler's Chrome-trace category of device kernels
 
 
@@ -37,10 +36,6 @@ class TraceEvent(NamedTuple):
 
 
 Interval = tuple[float, float]
-
-
-def is_comm_kernel(name: str) -> bool:
-    return COMM_KERNEL_RE.search(name) is not None
 
 
 def union(intervals: Iterable[Interval]) -> list[Interval]:

@@ -53,7 +53,7 @@ class LayerWorkload(Workload):
         for r in rows:
             if r.get("unit", "layer") != "layer":  # row_linear rows isolate one GEMM: not the layer's number
                 continue
-            for key in ("exposed_comm_ms", "overlap_efficiency"):
+            for key in ("exposed_comm_ms", "overlap_efficiency", "compute_interference"):
                 by_strategy[r["strategy"]][key].append(r.get(key))
         # Medians over all shapes: a one-line view; the per-shape rows are what to read.
         metrics["layer_medians"] = {s: {k: _median(v) for k, v in d.items()} for s, d in by_strategy.items()}
