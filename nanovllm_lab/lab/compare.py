@@ -59,11 +59,13 @@ def failed_table(summaries: pd.DataFrame) -> pd.DataFrame:
 
 
 def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
-    """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency."""
+    """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency and
+    (where profiled, on cuda) compute interference."""
     if layer.empty:
         return layer
     keys = [k for k in ("arch", "tp", "unit", "phase", "tokens") if k in layer]
-    values = [v for v in ("t_ms", "exposed_comm_ms", "overlap_efficiency") if v in layer]
+    values = [v for v in ("t_ms", "exposed_comm_ms", "overlap_efficiency", "compute_interference")
+              if v in layer and layer[v].notna().any()]
     wide = layer.pivot_table(index=keys, columns="strategy", values=values, aggfunc="median")
     wide.columns = [f"{v}[{s}]" for v, s in wide.columns]
     return wide.reset_index()
