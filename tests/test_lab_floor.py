@@ -18,11 +18,13 @@ def test_floor_counts_weights_once_per_step_and_kv_traffic():
     w, kv = bytes_per_step(a, tp=2, dtype_bytes=2)
     assert w == pytest.approx((8.19073536e9 - 151936 * 4096) * 2 / 2)
     assert kv == 2 * 36 * 8 * 128 * 2 / 2  # K and V, layers, KV heads, head dim, bf16, split over 2 ranks
-    steps = pd.DataFrame({"num_tokens": [100, 4, 4], "kv_tokens_read": [100, 404, 408], "warmup": [True, False, False]})
+    steps = pd.DataFrame({"num_tokens": [100, 4, 4], "kv_tokens_read": [100, 404, 408], "warmup": [True, False, False],
+                          "latency_ms": [50.0, 3.0, 4.0]})
     f = memory_floor(steps, a, 2, 2, copy_gbs=1000.0)
     expected = 2 * w + kv * (404 + 408 + 4 + 4)  # the warm-up step is not counted
     assert f["floor_bytes_per_rank"] == pytest.approx(expected)
     assert f["floor_s"] == pytest.approx(expected / 1e12)
+    assert f["step_time_s"] == pytest.approx(0.007)  # the timed steps' own latencies, warm-up excluded
     assert memory_floor(steps, a, 2, 2, copy_gbs=None)["floor_s"] is None
 
 

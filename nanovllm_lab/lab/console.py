@@ -12,18 +12,19 @@ import pandas as pd
 
 # The columns worth a glance, in reading order; missing ones are skipped.
 SWEEP_COLUMNS = ["run", "status", "workload", "model", "strategy", "tp", "device", "throughput_tok_s",
-                 "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs",
-                 "error_type"]
+                 "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "achieved_over_floor",
+                 "valid_outputs", "error_type"]
 RUN_KEYS = ["workload", "model", "strategy", "tp", "device", "dtype", "valid_outputs", "throughput_tok_s",
             "output_tok_s", "num_steps", "prefill_latency_ms_p50", "prefill_latency_ms_p10", "prefill_latency_ms_p90",
             "decode_latency_ms_p50", "decode_latency_ms_p10", "decode_latency_ms_p90", "ttft_ms_p50", "tpot_ms_p50",
-            "num_layer_rows", "measured_s", "elapsed_s", "run_dir"]
+            "num_layer_rows", "measured_s", "step_time_s", "between_steps_s", "copy_bandwidth_gbs", "floor_s",
+            "achieved_over_floor", "elapsed_s", "run_dir"]
 
 
 # Short headers so that a sweep's table fits a terminal.
 HEADERS = {"throughput_tok_s": "tok/s", "speedup_vs_blocking": "x blocking", "prefill_latency_ms_p50": "prefill ms p50",
            "decode_latency_ms_p50": "decode ms p50", "ttft_ms_p50": "TTFT ms p50", "tpot_ms_p50": "TPOT ms p50",
-           "valid_outputs": "valid", "error_type": "error"}
+           "valid_outputs": "valid", "error_type": "error", "achieved_over_floor": "of floor"}
 
 
 def _fmt(v: Any) -> str:

@@ -28,7 +28,10 @@ def memory_floor(steps: pd.DataFrame, arch: ModelArch, tp: int, dtype_bytes: int
     timed = steps[~steps["warmup"]] if len(steps) else steps
     w, kv = bytes_per_step(arch, tp, dtype_bytes)
     total = len(timed) * w + kv * float(timed["kv_tokens_read"].sum() + timed["num_tokens"].sum())
-    out: dict[str, Any] = {"floor_bytes_per_rank": total, "copy_bandwidth_gbs": copy_gbs, "floor_s": None}
+    # The steps' own time (device events on cuda) against the wall clock: the rest is host work between steps.
+    step_s = float(timed["latency_ms"].sum()) / 1e3 if len(timed) and "latency_ms" in timed else 0.0
+    out: dict[str, Any] = {"floor_bytes_per_rank": total, "copy_bandwidth_gbs": copy_gbs, "floor_s": None,
+                           "step_time_s": step_s}
     if copy_gbs:
         out["floor_s"] = total / (copy_gbs * 1e9)
     return out

@@ -62,4 +62,5 @@ class RequestsWorkload(Workload):
         floor = memory_floor(ctx.recorder.frame(), llm.config.arch, llm.config.tensor_parallel_size,
                              llm.model_runner.dtype.itemsize, copy_gbs)
         floor["achieved_over_floor"] = floor["floor_s"] / elapsed if floor["floor_s"] and elapsed > 0 else None
+        floor["between_steps_s"] = elapsed - floor["step_time_s"]  # scheduling, input building, Python
         return floor
