@@ -84,6 +84,8 @@ class ModelRunner:
             if self.device.type == "cuda" and not config.enforce_eager:
                 from nanovllm_lab.engine.cuda_graph import DecodeGraphs
                 self.graphs = DecodeGraphs(self)
+            if config.torch_compile and self.device.type == "cuda":
+                self._warm_compiled()
         except BaseException:
             self.shutdown()  # leave no half-initialised process group behind
             raise
@@ -99,7 +101,26 @@ class ModelRunner:
         c = self.config
         n = min(c.max_num_batched_tokens, c.max_model_len * c.max_num_seqs)
         seq_len = min(n, c.max_model_len)
-        lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
+        self._prefill_without_cache([seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else []))
+
+    @torch.inference_mode()
+    def _warm_compiled(self) -> None:
+        """torch.compile specialises sizes 0 and 1 even with dynamic shapes, so the first batch of one sequence
+        (the end of every offline run) would compile mid-run, for seconds. Compile those variants now: the
+        sampler at 1 and 2 rows (on its own generator, so the run's random stream is untouched) and, where no
+        decode graphs were captured, the layers at one token."""
+        if self.rank == 0:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            for b in (1, 2):
+                logits = torch.zeros(b, self.config.arch.vocab_size, dtype=self.dtype, device=self.device)
+                self.sampler(logits, torch.ones(b, device=self.device), gen)
+        if self.graphs is None:
+            self._prefill_without_cache([1])
+        torch.cuda.synchronize(self.device)
+
+    def _prefill_without_cache(self, lens: list[int]) -> None:
+        """One eager prefill of sequences of these lengths, writing no K/V (slots -1), outputs discarded."""
+        n = sum(lens)
         cu = [0]
         for x in lens:
             cu.append(cu[-1] + x)
