@@ -36,7 +36,7 @@ for stage in $stages; do
     bench)   lab -m workload=bench model=qwen3-0.6b tp=1 torch_compile=false,true   # A/B of the fused layers
              [ "$ngpu" -ge 2 ] && lab -m workload=bench model=qwen3-8b tp=2 +strategy=blocking,overlap,none ;;
     kernels) lab workload=kernels ;;
-    layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=2 workload.prefill_graph=false,true ;;
+    layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=qwen3-8b tp=2 \
                +strategy=blocking,none,async,chunked,overlap,symm,rsag ;;
     scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;

@@ -5,7 +5,8 @@ layer and one row-parallel linear of the down_proj shape at an architecture's si
 a paged KV cache and the attention context of a prefill batch (`prefill_seqs` sequences totalling `tokens`)
 or a decode batch (`tokens` sequences of `decode_context` tokens each), and times, in one run, every
 strategy asked for plus T_blocking, T_none and T_comm (the unit's all-reduces of [tokens, hidden] alone).
-CUDA: events, warm-up, decode timed as CUDA-graph replays (like the engine); CPU: perf_counter. Variants
+CUDA: events, warm-up, decode and prefill timed as CUDA-graph replays (eager prefill timing, `prefill_graph=False`,
+adds host launch cost, which dominated at 2048 tokens: results/LOG.md); CPU: perf_counter. Variants
 are timed round-robin within each repeat so drift hits all alike; ranks meet at a barrier before each.
 Rows hold the median and p10/p90 of the repeats, per layer (`stack` > 1 runs the layer that many times in
 one call, so the pipeline fill/drain of micro-batching is amortised as in a full model). On cuda, each
@@ -54,7 +55,7 @@ class _Job:
     stack: int
     cuda_graph: bool
     dtype: str | None
-    prefill_graph: bool = False  # also replay prefill from CUDA graphs (separates launch cost from overlap)
+    prefill_graph: bool = True  # replay prefill from CUDA graphs too (eager timing adds launch cost: LOG.md)
     interference: bool = True  # profile each strategy's layer kernels on cuda (comm/interference.py)
 
 
@@ -285,7 +286,7 @@ def _resolve_device(device: str) -> str:
 def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], phases=("prefill", "decode"),
                 repeats: int = 20, device: str = "auto", *, warmup: int = 3, prefill_seqs: int = 4,
                 decode_context: int = 512, block_size: int = 256, stack: int = 1, cuda_graph: bool = True,
-                dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = False,
+                dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = True,
                 interference: bool = True) -> list[dict]:
     """Rows (ROW_KEYS) per unit ("layer", "row_linear") x phase x tokens x strategy; see the module doc.
     `strategies` holds names or specs ({"name": "chunked", "chunks": 2}); an unavailable one (symm on
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode", default="8,128")
     ap.add_argument("--prefill", default="2048,8192")
-    ap.add_argument("--prefill-graph", action="store_true", help="time prefill from CUDA graphs too")
+    ap.add_argument("--prefill-graph", action="store_true", help="(the default; kept for old command lines)")
+    ap.add_argument("--eager-prefill", action="store_true", help="time prefill eagerly (launch cost included)")
     a = ap.parse_args(argv)
     strategies = ["blocking", "async", {"name": "async", "stages": "layer"}, "chunked", "symm", "overlap",
                   {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}, "rsag"]
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     for phase, toks in (("decode", a.decode), ("prefill", a.prefill)):
         t = time.time()
         rows += layer_sweep(a.arch, a.tp, strategies, [int(x) for x in toks.split(",")], (phase,), a.repeats,
-                            "auto", stack=2, prefill_graph=a.prefill_graph)
+                            "auto", stack=2, prefill_graph=not a.eager_prefill)
         print(f"{phase} sweep {time.time() - t:.1f} s", flush=True)
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:

@@ -136,7 +136,7 @@ class LayerWorkloadSchema(WorkloadSchema):
     tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 2048, 8192])
     phases: list[str] = field(default_factory=lambda: ["decode", "prefill"])
     repeats: int = 20
-    prefill_graph: bool = False     # time prefill from CUDA graphs too (decode always is): launch cost out
+    prefill_graph: bool = True      # time prefill from CUDA graphs (decode always is); false: eager launches in
     write_table: Optional[str] = None  # write the overlap strategy's table from the rows to this path
 
 
