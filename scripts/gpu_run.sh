@@ -38,7 +38,7 @@ for stage in $stages; do
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=qwen3-8b tp=2 \
-               +strategy=blocking,none,async,chunked,overlap,symm,rsag ;;
+               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag ;;
     scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
     *) echo "unknown stage $stage" ;;
   esac

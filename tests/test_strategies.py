@@ -98,6 +98,9 @@ STRATEGIES = {
     "chunked-ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 4},
     "rsag": {"name": "rsag"},  # odd token counts pad the collectives; one-token decode steps too
     "rsag-fallback": {"name": "rsag", "min_tokens": 8},  # decode steps (<= 8 tokens) take the blocking path
+    # micro-batches with odd token counts (padded shards), 3 parts by sequences, one-token decode micro-batches
+    "async_rsag": {"name": "async_rsag", "min_tokens": 1},
+    "async_rsag-3-seqs": {"name": "async_rsag", "micro_batches": 3, "split": "seqs", "min_tokens": 1},
 }
 
 

@@ -36,6 +36,7 @@ STRATEGIES = {
     "chunked-8ctas": {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1, "comm_max_ctas": 8},
     "symm": {"name": "symm"},
     "rsag": {"name": "rsag"},
+    "async_rsag": {"name": "async_rsag", "min_tokens": 1},
     "symm-two-shot": {"name": "symm", "one_shot_max_bytes": 0},
     "overlap": {"name": "overlap"},
 }

@@ -71,6 +71,21 @@ def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:
     return bounds
 
 
+def micro_batch_plan(ctx: AttentionContext, num_tokens: int, world: int, micro_batches: int, min_tokens: int,
+                     policy: str) -> list[int] | None:
+    """Sequence boundaries of a step's micro-batches, or None where the step runs whole (tp=1, one
+    sequence, fewer than `min_tokens` tokens)."""
+    parts = min(micro_batches, ctx.num_seqs)
+    if world == 1 or parts < 2 or num_tokens < max(min_tokens, 2):
+        return None
+    if ctx.is_prefill:
+        cq = ctx.cu_seqlens_q_host
+        seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
+    else:
+        seq_tokens = [1] * ctx.num_seqs
+    return split_points(seq_tokens, parts, policy)
+
+
 def _last_row_parallel(module: nn.Module) -> nn.Module | None:
     from nanovllm_lab.layers.linear import RowParallelLinear  # lazy: layers import comm
     last = None
@@ -121,17 +136,8 @@ class AsyncOverlapStrategy(CommStrategy):
     # -- planning ------------------------------------------------------------------------------------
     def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
         """Sequence boundaries of the micro-batches, or None for the blocking fallback."""
-        cfg = self.cfg
-        n = ctx.num_seqs
-        parts = min(cfg.micro_batches, n)
-        if self.world_size == 1 or parts < 2 or num_tokens < max(cfg.min_tokens, 2):
-            return None
-        if ctx.is_prefill:
-            cq = ctx.cu_seqlens_q_host
-            seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
-        else:
-            seq_tokens = [1] * n
-        return split_points(seq_tokens, parts, cfg.split)
+        return micro_batch_plan(ctx, num_tokens, self.world_size, self.cfg.micro_batches, self.cfg.min_tokens,
+                                self.cfg.split)
 
     def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
         return self.plan(ctx, num_tokens) is not None

@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager-prefill", action="store_true", help="time prefill eagerly (launch cost included)")
     a = ap.parse_args(argv)
     strategies = ["blocking", "async", {"name": "async", "stages": "layer"}, "chunked", "symm", "overlap",
-                  {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}, "rsag"]
+                  {"name": "chunked", "comm_max_ctas": 8}, {"name": "async", "comm_max_ctas": 8}, "rsag", "async_rsag"]
     rows: list[dict] = []
     for phase, toks in (("decode", a.decode), ("prefill", a.prefill)):
         t = time.time()

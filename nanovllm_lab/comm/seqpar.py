@@ -25,6 +25,31 @@ from nanovllm_lab.utils.context import AttentionContext
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+def token_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of x once its token count is padded to a multiple of `world`."""
+    rows = -(-x.shape[0] // world)
+    pad = rows * world - x.shape[0]
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x)[rank * rows:(rank + 1) * rows]
+
+
+def reduce_scatter_rows(partial: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum a [tokens, hidden] partial over the ranks; each rank keeps its token shard (padded rows)."""
+    rows = -(-partial.shape[0] // world)
+    pad = rows * world - partial.shape[0]
+    if pad:
+        partial = F.pad(partial, (0, 0, 0, pad))
+    out = partial.new_empty(rows, partial.shape[1])
+    dist.reduce_scatter_tensor(out, partial.contiguous())
+    return out
+
+
+def all_gather_rows(shard: torch.Tensor, n: int, world: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The first n rows of every rank's shard, concatenated (into `out`, [rows * world, hidden], if given)."""
+    full = shard.new_empty(shard.shape[0] * world, shard.shape[1]) if out is None else out
+    dist.all_gather_into_tensor(full, shard.contiguous())
+    return full[:n]
+
+
 @dataclass(frozen=True)
 class RsAgConfig(StrategyConfig):
     name: str = "rsag"
@@ -52,23 +77,15 @@ class ReduceScatterAllGatherStrategy(CommStrategy):
         n = hidden.shape[0]
         if not self.applicable(None, n) or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
             return super().run_layers(layers, positions, hidden)
-        rows = -(-n // self.world_size)  # each rank's shard of the (padded) tokens
-        pad = rows * self.world_size - n
+        world = self.world_size
+        residual = token_shard(hidden, self.rank, world)  # the embedding is replicated: no collective
 
         def reduce_scatter(partial: torch.Tensor) -> torch.Tensor:
-            if pad:
-                partial = F.pad(partial, (0, 0, 0, pad))
-            out = partial.new_empty(rows, partial.shape[1])
-            dist.reduce_scatter_tensor(out, partial.contiguous())
-            return out
+            return reduce_scatter_rows(partial, world)
 
         def all_gather(shard: torch.Tensor) -> torch.Tensor:
-            full = shard.new_empty(rows * self.world_size, shard.shape[1])
-            dist.all_gather_into_tensor(full, shard.contiguous())
-            return full[:n]
+            return all_gather_rows(shard, n, world)
 
-        padded = F.pad(hidden, (0, 0, 0, pad)) if pad else hidden
-        residual = padded[self.rank * rows:(self.rank + 1) * rows]  # the embedding is replicated: no collective
         summed = None  # this rank's shard of the last reduction, not yet added to the residual
         self._unreduced = True
         try:

@@ -1,0 +1,151 @@
+"""`async_rsag`: micro-batches interleaved through the decoder stack with sequence-parallel reductions:
+TokenWeave's schedule (arXiv 2505.11329) without its multicast kernel or fused norms.
+
+Each half-layer of a micro-batch ends in an unreduced row-parallel GEMM. Its partial sum then goes, on the
+communication stream, through reduce-scatter -> residual add + the next RMSNorm on this rank's token
+shard -> all-gather. Meanwhile the compute stream runs the next micro-batch's half-layer:
+
+    compute:  attn(mb0) attn(mb1) mlp(mb0) mlp(mb1) attn(mb0) ...
+    comm:               RS+norm+AG(mb0) RS+norm+AG(mb1) ...
+
+This combines the two measured effects (results/LOG.md, 2026-11-28): `rsag` removes the replicated
+norm/residual work (overlap efficiency 0.37-0.68 at 2048 prefill tokens), and `async` hides part of the
+reductions behind the other micro-batch (0.13-0.33 at 8192 tokens). The residual stream stays sharded on
+the communication stream for the whole stack; the compute stream sees only the gathered, normalised
+inputs of each half-layer. Below `min_tokens` tokens, with one sequence, or at tp=1 the blocking loop runs.
+On gloo (cpu) the side work runs inline, so CPU tests check the arithmetic, not the overlap.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm_lab.comm.async_overlap import micro_batch_plan
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, register_strategy
+from nanovllm_lab.comm.seqpar import _PARTS, all_gather_rows, reduce_scatter_rows, token_shard
+from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
+
+
+@dataclass(frozen=True)
+class AsyncRsAgConfig(StrategyConfig):
+    name: str = "async_rsag"
+    micro_batches: int = 2
+    split: str = "tokens"     # "tokens": balance token counts; "seqs": balance sequence counts
+    min_tokens: int = 1024    # TokenWeave turns its overlap off below 1024 tokens
+    comm_priority: int = -1   # CUDA priority of the communication stream (lower = higher priority)
+
+    def __post_init__(self) -> None:
+        for key, lo in (("micro_batches", 1), ("min_tokens", 0)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= {lo}, got {v!r}")
+        if self.split not in ("tokens", "seqs"):
+            raise ValueError(f"strategy {self.name!r}: split must be 'tokens' or 'seqs', got {self.split!r}")
+        if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
+            raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
+
+
+class _MicroBatch:
+    """One micro-batch's state. `inp` is the gathered input of its next half-layer; `residual` its token
+    shard of the residual stream (touched only on the communication stream); `ready` the event the compute
+    stream waits on before reading `inp`; `keep` holds tensors the communication stream still reads."""
+
+    __slots__ = ("ctx", "positions", "n", "inp", "residual", "ready", "keep")
+
+    def __init__(self, ctx: AttentionContext, positions: torch.Tensor, n: int) -> None:
+        self.ctx, self.positions, self.n = ctx, positions, n
+        self.inp: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.ready: Any = None
+        self.keep: Any = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            torch.cuda.current_stream(self.inp.device).wait_event(self.ready)
+            self.ready = self.keep = None
+
+
+@register_strategy("async_rsag", AsyncRsAgConfig)
+class AsyncRsAgStrategy(CommStrategy):
+    def __init__(self, cfg: AsyncRsAgConfig, info) -> None:
+        super().__init__(cfg, info)
+        cuda = self.device.type == "cuda" and self.world_size > 1
+        self.stream = comm_stream(self.device, cfg.comm_priority) if cuda else None
+        self._unreduced = False  # inside run_layers: row-parallel GEMMs return their partial sums
+
+    def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
+        return micro_batch_plan(ctx, num_tokens, self.world_size, self.cfg.micro_batches, self.cfg.min_tokens,
+                                self.cfg.split)
+
+    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
+        return self.plan(ctx, num_tokens) is not None
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        return y if self._unreduced else self.all_reduce(y)
+
+    def _reduce(self, mb: _MicroBatch, partial: torch.Tensor, norm) -> torch.Tensor | None:
+        """RS -> add (+ norm) -> AG of one half-layer's partial sum, on the communication stream.
+        norm=None after the last layer: gather the reduced sum and the residual for the model's final norm."""
+        world, rows = self.world_size, -(-mb.n // self.world_size)
+        # Outputs the compute stream will read are allocated on it, before the side stream writes them.
+        out = partial.new_empty(rows * world, partial.shape[1])
+        res_out = partial.new_empty(rows * world, partial.shape[1]) if norm is None else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(partial.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            shard = reduce_scatter_rows(partial, world)
+            if norm is None:  # the model's final norm adds the residual itself
+                all_gather_rows(mb.residual, mb.n, world, out=res_out)
+            else:
+                shard, mb.residual = norm(shard, mb.residual)
+            all_gather_rows(shard, mb.n, world, out=out)
+            if self.stream is not None:
+                mb.ready = torch.cuda.Event()
+                mb.ready.record(self.stream)
+                mb.keep = partial  # freed on the compute stream only after it waited for the reads
+        mb.inp = out[:mb.n]
+        return res_out[:mb.n] if res_out is not None else None
+
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = get_context()
+        bounds = self.plan(ctx, hidden.shape[0])
+        if bounds is None or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
+            return super().run_layers(layers, positions, hidden)
+        mbs = []
+        for s, e in zip(bounds, bounds[1:]):
+            t0, t1 = ctx.token_range(s, e)
+            mb = _MicroBatch(ctx.slice_seqs(s, e), positions[t0:t1], t1 - t0)
+            mb.inp = layers[0].input_layernorm(hidden[t0:t1])  # the embedding is replicated: no collective
+            mb.residual = token_shard(hidden[t0:t1], self.rank, self.world_size)
+            mbs.append(mb)
+        residuals: list[torch.Tensor] = []
+        self._unreduced = True
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            for i, layer in enumerate(layers):
+                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+                for half, norm in (("attn", layer.post_attention_layernorm), ("mlp", nxt)):
+                    for mb in mbs:
+                        set_context(mb.ctx)
+                        mb.wait()
+                        if half == "attn":
+                            partial = layer.self_attn(mb.positions, mb.inp)
+                        else:
+                            partial = layer.mlp(mb.inp)
+                        res = self._reduce(mb, partial, norm)
+                        if res is not None:
+                            residuals.append(res)
+            for mb in mbs:
+                mb.wait()
+        finally:
+            self._unreduced = False
+            if self.stream is not None:  # inside graph capture the side stream must merge back
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            set_context(ctx)
+        return torch.cat([mb.inp for mb in mbs]), torch.cat(residuals)
