@@ -42,16 +42,22 @@ class AsyncConfig(StrategyConfig):
     stages: str = "half"        # "half": attention and MLP halves; "layer": whole decoder layers
 
     def __post_init__(self) -> None:
-        for key, lo in (("micro_batches", 1), ("min_tokens", 0), ("comm_max_ctas", 0)):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= {lo}, got {v!r}")
-        if self.split not in ("tokens", "seqs"):
-            raise ValueError(f"strategy {self.name!r}: split must be 'tokens' or 'seqs', got {self.split!r}")
+        check_micro_batching(self, comm_max_ctas=0)
         if self.stages not in ("half", "layer"):
             raise ValueError(f"strategy {self.name!r}: stages must be 'half' or 'layer', got {self.stages!r}")
-        if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
-            raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
+
+
+def check_micro_batching(cfg: StrategyConfig, **more_int_minimums: int) -> None:
+    """The checks of the fields every micro-batching config has (micro_batches, min_tokens, split,
+    comm_priority), plus integer fields with the given minimums."""
+    for key, lo in (("micro_batches", 1), ("min_tokens", 0), *more_int_minimums.items()):
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"strategy {cfg.name!r}: {key} must be an integer >= {lo}, got {v!r}")
+    if cfg.split not in ("tokens", "seqs"):
+        raise ValueError(f"strategy {cfg.name!r}: split must be 'tokens' or 'seqs', got {cfg.split!r}")
+    if not isinstance(cfg.comm_priority, int) or isinstance(cfg.comm_priority, bool):
+        raise ValueError(f"strategy {cfg.name!r}: comm_priority must be an integer, got {cfg.comm_priority!r}")
 
 
 def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:

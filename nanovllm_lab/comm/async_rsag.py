@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.async_overlap import micro_batch_plan
+from nanovllm_lab.comm.async_overlap import check_micro_batching, micro_batch_plan
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, register_strategy
-from nanovllm_lab.comm.seqpar import _PARTS, all_gather_rows, reduce_scatter_rows, token_shard
+from nanovllm_lab.comm.seqpar import _PARTS, all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
 from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
 
 
@@ -39,14 +39,7 @@ class AsyncRsAgConfig(StrategyConfig):
     comm_priority: int = -1   # CUDA priority of the communication stream (lower = higher priority)
 
     def __post_init__(self) -> None:
-        for key, lo in (("micro_batches", 1), ("min_tokens", 0)):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= {lo}, got {v!r}")
-        if self.split not in ("tokens", "seqs"):
-            raise ValueError(f"strategy {self.name!r}: split must be 'tokens' or 'seqs', got {self.split!r}")
-        if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
-            raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
+        check_micro_batching(self)
 
 
 class _MicroBatch:
@@ -91,7 +84,7 @@ class AsyncRsAgStrategy(CommStrategy):
     def _reduce(self, mb: _MicroBatch, partial: torch.Tensor, norm) -> torch.Tensor | None:
         """RS -> add (+ norm) -> AG of one half-layer's partial sum, on the communication stream.
         norm=None after the last layer: gather the reduced sum and the residual for the model's final norm."""
-        world, rows = self.world_size, -(-mb.n // self.world_size)
+        world, rows = self.world_size, shard_rows(mb.n, self.world_size)
         # Outputs the compute stream will read are allocated on it, before the side stream writes them.
         out = partial.new_empty(rows * world, partial.shape[1])
         res_out = partial.new_empty(rows * world, partial.shape[1]) if norm is None else None

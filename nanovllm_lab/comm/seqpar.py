@@ -25,16 +25,21 @@ from nanovllm_lab.utils.context import AttentionContext
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+def shard_rows(n: int, world: int) -> int:
+    """Rows of each rank's token shard: n padded up to a multiple of `world`, divided by it."""
+    return -(-n // world)
+
+
 def token_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's rows of x once its token count is padded to a multiple of `world`."""
-    rows = -(-x.shape[0] // world)
+    rows = shard_rows(x.shape[0], world)
     pad = rows * world - x.shape[0]
     return (F.pad(x, (0, 0, 0, pad)) if pad else x)[rank * rows:(rank + 1) * rows]
 
 
 def reduce_scatter_rows(partial: torch.Tensor, world: int) -> torch.Tensor:
     """Sum a [tokens, hidden] partial over the ranks; each rank keeps its token shard (padded rows)."""
-    rows = -(-partial.shape[0] // world)
+    rows = shard_rows(partial.shape[0], world)
     pad = rows * world - partial.shape[0]
     if pad:
         partial = F.pad(partial, (0, 0, 0, pad))

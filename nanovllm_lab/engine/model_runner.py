@@ -102,6 +102,7 @@ class ModelRunner:
         n = min(c.max_num_batched_tokens, c.max_model_len * c.max_num_seqs)
         seq_len = min(n, c.max_model_len)
         self._prefill_without_cache([seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else []))
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _warm_compiled(self) -> None:
@@ -127,7 +128,6 @@ class ModelRunner:
         step = StepInput(True, torch.zeros(n, dtype=torch.int64), torch.cat([torch.arange(x) for x in lens]),
                          torch.full((n,), -1, dtype=torch.int32), torch.zeros(len(lens)), cu, cu, None, None)
         self._forward(step, step.to_context(self.device))
-        torch.cuda.synchronize(self.device)
 
     def _allocate_kv_cache(self) -> int:
         c, a = self.config, self.config.arch
