@@ -1,0 +1,96 @@
+"""Where the bench's wall time goes on the host: the `bench` workload's shapes, with the engine step's parts timed.
+
+    python3 scripts/host_profile.py [--model qwen3-0.6b] [--seqs 256] [--max-out 1024] [--cprofile]
+
+Times each part of LLMEngine.step with perf_counter (schedule, input building, the runner's `run`, postprocess)
+and, inside `run`, the part that waits for the device (`.tolist()` of the sampled tokens). The device time per
+step comes from the engine's own CUDA-event step records. Host time the GPU waits for = wall - device time.
+With --cprofile a second pass runs under cProfile and prints the functions with the most own time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from nanovllm_lab import LLM, SamplingParams
+from nanovllm_lab.engine import llm_engine
+
+
+def requests(rng: random.Random, n: int, max_out: int, vocab: int):
+    prompts = [[rng.randint(0, min(10000, vocab - 1)) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    sps = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(min(100, max_out), max_out))
+           for _ in prompts]
+    return prompts, sps
+
+
+def timed(table: dict, name: str, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            table[name] += time.perf_counter() - t
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--max-out", type=int, default=1024)
+    ap.add_argument("--cprofile", action="store_true")
+    a = ap.parse_args()
+    llm = LLM(a.model, max_model_len=4096, **({"device": a.device} if a.device else {}))
+    eng = llm
+    rng = random.Random(0)
+    prompts, sps = requests(rng, a.seqs, a.max_out, llm.config.arch.vocab_size)
+    warm, _ = requests(rng, 16, 8, llm.config.arch.vocab_size)
+    llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=8), use_tqdm=False)
+    recs = []
+    llm.model_runner.step_hooks.append(recs.append)
+    parts: dict[str, float] = defaultdict(float)
+    sched = eng.scheduler
+    sched.schedule = timed(parts, "schedule", sched.schedule)
+    sched.postprocess = timed(parts, "postprocess", sched.postprocess)
+    llm_engine.prepare_decode = timed(parts, "prepare_decode", llm_engine.prepare_decode)
+    llm_engine.prepare_prefill = timed(parts, "prepare_prefill", llm_engine.prepare_prefill)
+    runner = llm.model_runner
+    runner.run = timed(parts, "run (all)", runner.run)
+    if runner.graphs is not None:
+        runner.graphs.replay = timed(parts, "run: graph replay launch", runner.graphs.replay)
+    runner.sampler.forward = timed(parts, "run: sampler launch", runner.sampler.forward)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, sps, use_tqdm=False)
+    wall = time.perf_counter() - t
+    n_out = sum(sp.max_tokens for sp in sps)
+    dev = sum(r.latency_s for r in recs)
+    print(f"{a.model}: {len(recs)} steps, {n_out} output tokens in {wall:.2f} s = {n_out / wall:.0f} tok/s; "
+          f"step records (CUDA events) {dev:.2f} s; decode {sum(r.phase == 'decode' for r in recs)} steps")
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:36s} {v:7.3f} s  {1e3 * v / max(len(recs), 1):6.3f} ms/step")
+    rest = parts["run (all)"] - parts["run: graph replay launch"] - parts["run: sampler launch"]
+    print(f"  {'run: rest (eager forward, logits, wait)':36s} {rest:7.3f} s  {1e3 * rest / max(len(recs), 1):6.3f} ms/step")
+    outside = wall - parts["run (all)"]
+    print(f"  {'outside run (host only)':36s} {outside:7.3f} s  {1e3 * outside / max(len(recs), 1):6.3f} ms/step")
+    if a.cprofile:
+        recs.clear()
+        prompts, sps = requests(random.Random(0), a.seqs, a.max_out, llm.config.arch.vocab_size)
+        prof = cProfile.Profile()
+        prof.enable()
+        llm.generate(prompts, sps, use_tqdm=False)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    llm.exit()
+
+
+if __name__ == "__main__":
+    main()
