@@ -13,6 +13,7 @@ import argparse
 import cProfile
 import pstats
 import random
+import statistics
 import time
 from collections import defaultdict
 
@@ -81,6 +82,16 @@ def main() -> None:
     print(f"  {'run: rest (eager forward, logits, wait)':36s} {rest:7.3f} s  {1e3 * rest / max(len(recs), 1):6.3f} ms/step")
     outside = wall - parts["run (all)"]
     print(f"  {'outside run (host only)':36s} {outside:7.3f} s  {1e3 * outside / max(len(recs), 1):6.3f} ms/step")
+    # Decode step time against batch size: the fixed per-step cost is what small batches pay.
+    kv_tok = 2 * llm.config.arch.num_hidden_layers * llm.config.arch.num_key_value_heads * llm.config.arch.head_dim * 2
+    print(f"  {'decode batch':>14s} {'steps':>6s} {'p50 ms':>7s} {'ctx/seq':>8s} {'KV GB/s':>8s} {'s total':>8s}")
+    for lo, hi in ((1, 8), (9, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 20)):
+        rs = [r for r in recs if r.phase == "decode" and lo <= r.num_seqs <= hi]
+        if rs:
+            p50 = statistics.median(r.latency_s for r in rs)
+            kv = sum(r.kv_tokens_read for r in rs) * kv_tok / sum(r.latency_s for r in rs) / 1e9
+            ctx = sum(r.kv_tokens_read for r in rs) / sum(r.num_seqs for r in rs)
+            print(f"  {lo:>6d}-{hi:<7d} {len(rs):6d} {p50 * 1e3:7.2f} {ctx:8.0f} {kv:8.0f} {sum(r.latency_s for r in rs):8.2f}")
     if a.cprofile:
         recs.clear()
         prompts, sps = requests(random.Random(0), a.seqs, a.max_out, llm.config.arch.vocab_size)

@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the bench workload, shortened, under torch.profiler.
 
-    python3 scripts/profile_step.py [--model qwen3-0.6b] [--seqs 256] [--max-tokens 48] [--compile 0,1] [--out DIR]
+    python3 scripts/profile_step.py [--model qwen3-0.6b] [--seqs 256] [--max-tokens 48] [--compile 0,1]
+    python3 scripts/profile_step.py --decode-only 256,64,8 --compile 1   # decode steps alone, per batch size
 
 For each setting it runs the workload once untraced (output tok/s, mean decode-step device time from the
 engine's own CUDA-event step records, wall time per step) and once under torch.profiler, then prints the
@@ -26,6 +27,42 @@ def workload(seqs: int, max_tokens: int, vocab: int) -> tuple[list[list[int]], l
     return prompts, sps
 
 
+def kernel_table(prof, n_steps: int, top: int) -> None:
+    # Kernel records only: CPU ops also carry the device time of the kernels they launched (double counting).
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in rows)
+    print(f"kernels: {total / n_steps:.1f} us of device time per step over {n_steps} profiled steps")
+    for e in rows[:top]:
+        print(f"{e.self_device_time_total / n_steps:9.1f} us/step {e.count / n_steps:7.1f} calls/step "
+              f"{100 * e.self_device_time_total / max(total, 1):5.1f}%  {e.key[:110]}")
+
+
+def decode_only(llm: LLM, seqs: int, steps: int, top: int) -> None:
+    """Prefill `seqs` bench-shaped prompts, then time and profile `steps` decode steps at that batch."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts, sps = workload(seqs, 2 * steps + 4, llm.config.arch.vocab_size)
+    for p, sp in zip(prompts, sps):
+        llm.add_request(p, sp)
+    while llm.scheduler.waiting:
+        llm.step()
+    recs = []
+    llm.model_runner.step_hooks.append(recs.append)
+    t = time.perf_counter()
+    for _ in range(steps):
+        llm.step()
+    wall = (time.perf_counter() - t) / steps * 1e3
+    dev = statistics.median(r.latency_s for r in recs) * 1e3
+    llm.model_runner.step_hooks.remove(recs.append)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.step()
+    print(f"\n### decode only: batch {seqs}, {steps} steps: wall {wall:.2f} ms/step, step record median {dev:.2f} ms")
+    kernel_table(prof, steps, top)
+    while not llm.is_finished():
+        llm.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-0.6b")
@@ -33,16 +70,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--compile", default="0,1")
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--decode-only", default="", help="batch sizes (e.g. 256,64,8): profile decode steps only")
     a = ap.parse_args()
     for comp in (bool(int(x)) for x in a.compile.split(",")):
         llm = LLM(a.model, max_model_len=4096, torch_compile=comp)
+        llm.generate([[1, 2, 3]] * 8, SamplingParams(max_tokens=16), use_tqdm=False)
+        if a.decode_only:
+            print(f"\n## torch_compile={comp} model={a.model}")
+            for b in (int(x) for x in a.decode_only.split(",")):
+                decode_only(llm, b, 20, a.top)
+            llm.exit()
+            continue
         prompts, sps = workload(a.seqs, a.max_tokens, llm.config.arch.vocab_size)
         recs = []
         llm.model_runner.step_hooks.append(recs.append)
-        llm.generate([[1, 2, 3]] * 8, SamplingParams(max_tokens=16), use_tqdm=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        recs.clear()
         t = time.perf_counter()
         llm.generate(prompts, sps, use_tqdm=False)
         wall = time.perf_counter() - t
@@ -58,16 +101,8 @@ def main() -> None:
         recs.clear()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(prompts, sps, use_tqdm=False)
-        n_dec = max(1, sum(r.phase == "decode" for r in recs))
-        print(f"profiled: {n_dec} decode steps; kernels by device time (us per decode step = total / steps):")
-        # Kernel records only: CPU ops also carry the device time of the kernels they launched (double counting).
-        rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in rows)
-        print(f"total device time {total / 1e6:.2f} s over the profiled generate")
-        for e in rows[: a.top]:
-            print(f"{e.self_device_time_total / n_dec:9.1f} us/step {e.count / n_dec:7.1f} calls/step "
-                  f"{100 * e.self_device_time_total / max(total, 1):5.1f}%  {e.key[:110]}")
+        print(f"profiled: the whole generate (prefill kernels included), per decode step:")
+        kernel_table(prof, max(1, sum(r.phase == "decode" for r in recs)), a.top)
         llm.exit()
         del llm
         if torch.cuda.is_available():

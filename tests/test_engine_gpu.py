@@ -46,7 +46,7 @@ def test_cuda_graph_decode_equals_eager(qwen3_dir):
     runs, logs = [], []
     for eager in (True, False):
         with LLM(qwen3_dir, dtype="bfloat16", enforce_eager=eager, kvcache_block_size=16,
-                 gpu_memory_utilization=0.3, max_num_seqs=16) as llm:
+                 gpu_memory_utilization=0.3, max_num_seqs=16, torch_compile=False) as llm:
             llm.model_runner.logits_log = []
             steps = []
             llm.model_runner.step_hooks.append(steps.append)
