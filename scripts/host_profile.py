@@ -82,6 +82,8 @@ def main() -> None:
     print(f"  {'run: rest (eager forward, logits, wait)':36s} {rest:7.3f} s  {1e3 * rest / max(len(recs), 1):6.3f} ms/step")
     outside = wall - parts["run (all)"]
     print(f"  {'outside run (host only)':36s} {outside:7.3f} s  {1e3 * outside / max(len(recs), 1):6.3f} ms/step")
+    pre = [r for r in recs if r.phase == "prefill"]
+    print(f"  prefill steps (tokens: ms): " + ", ".join(f"{r.num_tokens}: {r.latency_s * 1e3:.0f}" for r in pre))
     # Decode step time against batch size: the fixed per-step cost is what small batches pay.
     kv_tok = 2 * llm.config.arch.num_hidden_layers * llm.config.arch.num_key_value_heads * llm.config.arch.head_dim * 2
     print(f"  {'decode batch':>14s} {'steps':>6s} {'p50 ms':>7s} {'ctx/seq':>8s} {'KV GB/s':>8s} {'s total':>8s}")
