@@ -14,6 +14,7 @@ import cProfile
 import pstats
 import random
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -69,6 +70,7 @@ def main() -> None:
     runner.sampler.forward = timed(parts, "run: sampler launch", runner.sampler.forward)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    print("== timed run starts", file=sys.stderr, flush=True)
     t = time.perf_counter()
     llm.generate(prompts, sps, use_tqdm=False)
     wall = time.perf_counter() - t
@@ -84,6 +86,8 @@ def main() -> None:
     print(f"  {'outside run (host only)':36s} {outside:7.3f} s  {1e3 * outside / max(len(recs), 1):6.3f} ms/step")
     pre = [r for r in recs if r.phase == "prefill"]
     print(f"  prefill steps (tokens: ms): " + ", ".join(f"{r.num_tokens}: {r.latency_s * 1e3:.0f}" for r in pre))
+    slow = sorted(recs, key=lambda r: -r.latency_s)[:5]
+    print("  slowest steps: " + ", ".join(f"{r.phase} b={r.num_seqs} {r.latency_s * 1e3:.0f} ms" for r in slow))
     # Decode step time against batch size: the fixed per-step cost is what small batches pay.
     kv_tok = 2 * llm.config.arch.num_hidden_layers * llm.config.arch.num_key_value_heads * llm.config.arch.head_dim * 2
     print(f"  {'decode batch':>14s} {'steps':>6s} {'p50 ms':>7s} {'ctx/seq':>8s} {'KV GB/s':>8s} {'s total':>8s}")

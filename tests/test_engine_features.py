@@ -3,6 +3,7 @@ prefill and preemption must not change greedy outputs."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nanovllm_lab import LLM, SamplingParams
 
@@ -89,3 +90,17 @@ def test_dummy_weights_identical_across_tp():
     with LLM("tiny", max_model_len=256, tensor_parallel_size=2) as llm:
         b = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert a == b
+
+
+def test_warm_up_prefill_with_context_writes_nothing(qwen3_dir, reference):
+    """The start-up warm-up of the paged-prefill kernels (cuda) reads the scratch block and writes no K/V: the
+    cache is unchanged and later outputs are the reference's."""
+    with LLM(qwen3_dir, kvcache_block_size=16, num_kvcache_blocks=128) as llm:
+        runner = llm.model_runner
+        runner.kv_cache[:, :, :-1].normal_()  # any content the scheduler's blocks may hold
+        before = runner.kv_cache.clone()
+        runner._prefill_dummy([2, 5], cached=20)  # two blocks of context per sequence, all from the scratch block
+        assert torch.equal(runner.kv_cache[:, :, :-1], before[:, :, :-1])
+        runner.kv_cache.zero_()
+        outs = [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert outs == reference

@@ -45,7 +45,9 @@ def _online_softmax_update(qk, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# Integers that change from step to step are not specialised (Triton compiles a variant for values == 1 and
+# multiples of 16): a new variant means a compile of ~1 s in the middle of a run.
+@triton.jit(do_not_specialize=["tiles_per_split", "num_splits", "stride_btb"])
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     scale_log2, tiles_per_split, num_splits,
@@ -118,7 +120,7 @@ def _decode_partial_kernel(
         tl.store(mid_lse_ptr + row_id, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, num_splits,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,

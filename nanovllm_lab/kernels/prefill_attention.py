@@ -62,7 +62,9 @@ def _prefill_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The block-table stride (the widest table of the step) changes from step to step: not specialised, so that a new
+# width does not compile a new variant mid-run (decode_attention.py).
+@triton.jit(do_not_specialize=["stride_btb"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, cu_q_ptr, cu_k_ptr, out_ptr, scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
