@@ -28,3 +28,16 @@ def test_greedy_rows_and_seeded_reproducibility():
     # at a high temperature the sampled rows are not all the argmax
     hot = Sampler()(logits.repeat(50, 1), torch.full((400,), 5.0), torch.Generator().manual_seed(4))
     assert not torch.equal(hot, logits.repeat(50, 1).argmax(-1))
+
+
+def test_split_argmax_equals_argmax_ties_included():
+    from nanovllm_lab.layers.sampler import _argmax_split, _parts
+    assert _parts(151936) == 32 and _parts(1000) == 8 and _parts(999) == 1
+    torch.manual_seed(0)
+    x = torch.randn(5, 1024)
+    x[1, 100] = x[1, 900] = 10.0  # a tie across chunks: the first index wins
+    x[2, 40] = x[2, 41] = 10.0    # a tie inside a chunk
+    x[3] = 0.0                    # all equal
+    for parts in (1, 2, 8, 32):
+        assert torch.equal(_argmax_split(x, parts), x.argmax(-1))
+    assert _argmax_split(x, 8)[1].item() == 100 and _argmax_split(x, 8)[3].item() == 0

@@ -65,18 +65,27 @@ class LLMEngine:
         if not ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         vocab = self.config.arch.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         return ids
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
-        if not isinstance(sampling_params, SamplingParams):
+        if not isinstance(sampling_params, SamplingParams):  # before tokenizing: the cheaper error first
             raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
         ids = self._tokenize(prompt)
+        self._check(ids, sampling_params)
+        return self._add(ids, sampling_params)
+
+    def _check(self, ids: list[int], sampling_params: SamplingParams) -> None:
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
         if len(ids) + sampling_params.max_tokens > self.config.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={sampling_params.max_tokens} exceeds "
                              f"max_model_len={self.config.max_model_len}")
+
+    def _add(self, ids: list[int], sampling_params: SamplingParams) -> int:
+        """Queue ids that _tokenize and _check accepted."""
         seq = Sequence(ids, sampling_params, self.config.kvcache_block_size)
         self.scheduler.add(seq)
         return seq.seq_id
@@ -121,7 +130,9 @@ class LLMEngine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} SamplingParams")
         ids = [self._tokenize(p) for p in prompts]  # validate everything before queueing anything
-        seq_ids = [self.add_request(i, sp) for i, sp in zip(ids, sampling_params)]
+        for i, sp in zip(ids, sampling_params):
+            self._check(i, sp)
+        seq_ids = [self._add(i, sp) for i, sp in zip(ids, sampling_params)]
         outputs: dict[int, list[int]] = {}
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0

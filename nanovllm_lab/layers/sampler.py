@@ -14,12 +14,35 @@ from torch import nn
 from nanovllm_lab.utils.compile import compilable
 
 
+def _argmax_split(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """argmax over the last dim, computed as `parts` chunk argmaxes and then the best chunk. Same answer as
+    x.argmax(-1), ties included (the first maximum wins in both). Why: with a dynamic batch size inductor
+    gives each row one program, so at batch 8 one program walks 151,936 logits alone (~100 us on an H200);
+    chunks give the reduction `parts` times more programs."""
+    b, v = x.shape
+    if parts <= 1 or v % parts:
+        return x.argmax(-1)
+    chunks = x.view(b, parts, v // parts)
+    best, idx = chunks.max(-1)
+    part = best.argmax(-1, keepdim=True)
+    return part.squeeze(-1) * (v // parts) + idx.gather(-1, part).squeeze(-1)
+
+
+def _parts(vocab: int) -> int:
+    """The largest power of two <= 32 that divides the vocabulary (151,936 = 2^7 x 1187 -> 32)."""
+    p = 32
+    while p > 1 and vocab % p:
+        p //= 2
+    return p
+
+
 @compilable
 def _pick(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
-    greedy = logits.argmax(-1)
+    parts = _parts(logits.shape[-1])
+    greedy = _argmax_split(logits, parts)
     t = temperatures.clamp_min(1e-5).unsqueeze(1)
-    sampled = (logits / t - noise.clamp_min(1e-10).log()).argmax(-1)
+    sampled = _argmax_split(logits / t - noise.clamp_min(1e-10).log(), parts)
     return torch.where(temperatures == 0, greedy, sampled)
 
 
