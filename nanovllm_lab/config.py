@@ -29,6 +29,7 @@ class Config:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     torch_compile: bool | None = None  # fuse RMSNorm/RoPE/SiLU-mul/sampler (utils/compile.py); None: on for cuda
+    async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (engine/overlap.py)
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     cpu_kvcache_bytes: int = 256 * 2**20  # the KV budget on cpu when num_kvcache_blocks is -1
@@ -63,6 +64,7 @@ class Config:
         need(isinstance(self.enforce_eager, bool), "enforce_eager", "must be a bool")
         need(self.torch_compile is None or isinstance(self.torch_compile, bool), "torch_compile",
              "must be a bool or None (automatic)")
+        need(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory or a built-in name")
 
     @classmethod

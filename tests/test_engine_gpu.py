@@ -56,3 +56,15 @@ def test_cuda_graph_decode_equals_eager(qwen3_dir):
     # Same tokens, and the first decode step's logits agree to bf16 rounding.
     assert runs[0] == runs[1]
     assert (logs[0][1] - logs[1][1]).abs().max().item() <= 2e-2
+
+
+def test_overlapped_decode_equals_synchronous(qwen3_dir):
+    """engine/overlap.py on cuda (CUDA graphs, pinned copies, device-side ids): the synchronous engine's tokens."""
+    params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True) for t, n in ((0, 17), (0.8, 9), (0, 1), (0.8, 24))]
+    runs = []
+    for a in (False, True):
+        with LLM(qwen3_dir, dtype="bfloat16", async_scheduling=a, kvcache_block_size=16, gpu_memory_utilization=0.3,
+                 max_num_seqs=16) as llm:
+            runs.append([o["token_ids"] for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)])
+            assert (llm.overlap.num_overlapped > 0) == a
+    assert runs[0] == runs[1]

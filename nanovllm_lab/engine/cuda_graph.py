@@ -18,7 +18,7 @@ from nanovllm_lab.engine.inputs import StepInput
 from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
 
 if TYPE_CHECKING:
-    from nanovllm_lab.engine.model_runner import ModelRunner
+    from nanovllm_lab.engine.model_runner import Carry, ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def replay(self, step: StepInput) -> torch.Tensor:
+    def replay(self, step: StepInput, carry: "Carry | None" = None) -> torch.Tensor:
         b = step.num_seqs
         g = self.sizes[bisect.bisect_left(self.sizes, b)]
         self._copied.synchronize()  # the previous step's copy has left the pinned buffer
@@ -94,5 +94,7 @@ class DecodeGraphs:
         self._h_bt[b:g] = -1
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
+        if carry is not None:
+            carry.apply(self.input_ids)
         self.graphs[g].replay()
         return self.outputs[g][:b]

@@ -16,6 +16,7 @@ from nanovllm_lab.config import Config
 from nanovllm_lab.distributed.control import ControlPlane, PipeControlPlane, WorkerDiedError
 from nanovllm_lab.engine.inputs import prepare_decode, prepare_prefill
 from nanovllm_lab.engine.model_runner import ModelRunner
+from nanovllm_lab.engine.overlap import OverlapDecoder
 from nanovllm_lab.engine.scheduler import Scheduler
 from nanovllm_lab.engine.sequence import Sequence
 from nanovllm_lab.sampling_params import SamplingParams
@@ -49,6 +50,7 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens, fewer than max_model_len=%d; capping max_model_len",
                         max_blocks * config.kvcache_block_size, config.max_model_len)
             config.max_model_len = max_blocks * config.kvcache_block_size
+        self.overlap = OverlapDecoder(self)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, set(config.arch.eos_token_ids),
                                    max_blocks, config.kvcache_block_size)
 
@@ -105,21 +107,29 @@ class LLMEngine:
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
         """One scheduled step. Returns finished (seq_id, completion ids) and the tokens processed
         (positive for prefill, minus the number of sequences for decode)."""
+        done: list[tuple[int, list[int]]] = []
+        if self.overlap.inflight is not None:  # a decode step is running: queue the next, then collect it
+            if self.overlap.can_continue():
+                return self.overlap.step()
+            done = self.overlap.drain()  # a prompt waits, a preemption is due, or nothing is left
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return [], 0
+            return done, 0
         bs = self.config.kvcache_block_size
         step = prepare_prefill(seqs, bs) if is_prefill else prepare_decode(seqs, bs)
+        if self.overlap.applies(seqs, is_prefill):
+            self.overlap.start(seqs, step)
+            return done, -len(seqs)
         token_ids: list[int | None] = list(self._call("run", step))
         if is_prefill:  # a chunk that stops short of the prompt's end samples nothing
             token_ids = [t if s.num_cached_tokens + s.num_scheduled_tokens == s.num_tokens else None
                          for s, t in zip(seqs, token_ids)]
         finished = self.scheduler.postprocess(seqs, token_ids)
         n = step.num_tokens if is_prefill else -len(seqs)
-        return [(s.seq_id, s.completion_token_ids) for s in finished], n
+        return done + [(s.seq_id, s.completion_token_ids) for s in finished], n
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self.overlap.inflight is None
 
     def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = True) -> list[dict]:

@@ -177,11 +177,13 @@ class ModelRunner:
         return num_blocks
 
     # -- forward -------------------------------------------------------------------------------------
-    def _forward(self, step: StepInput, ctx: AttentionContext) -> torch.Tensor:
+    def _forward(self, step: StepInput, ctx: AttentionContext, carry: Carry | None = None) -> torch.Tensor:
         """Hidden states of this step's tokens (eager), with the step's attention context installed."""
         set_context(ctx)
         try:
             ids = step.input_ids.to(self.device, non_blocking=True)
+            if carry is not None:
+                carry.apply(ids)
             pos = step.positions.to(self.device, non_blocking=True)
             return self.model(ids, pos)
         finally:
@@ -190,26 +192,42 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[int] | None:
         """Run one step on this rank; rank 0 returns the sampled token of each sequence."""
+        pending = self.launch(step)
+        return None if pending is None else self.collect(pending)
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput, carry: Carry | None = None) -> Pending | None:
+        """Queue one step's device work and return without waiting for it (rank 0: the pending sampled
+        tokens; other ranks: None). `carry` takes some input ids from an earlier step's tokens still on the
+        device, which lets the engine build step N+1 while step N runs (engine/overlap.py)."""
         timer = _Timer(self.device)
         use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
         # Built once: the eager forward and the LM head (last tokens from cu_seqlens) share it.
         ctx = AttentionContext(is_prefill=False) if use_graph else step.to_context(self.device)
-        hidden = self.graphs.replay(step) if use_graph else self._forward(step, ctx)
+        hidden = self.graphs.replay(step, carry) if use_graph else self._forward(step, ctx, carry)
         set_context(ctx)
         try:
             logits = self.model.compute_logits(hidden)
         finally:
             reset_context()
-        tokens = None
-        if self.rank == 0:
-            temps = step.temperatures.to(self.device, non_blocking=True)
-            tokens = self.sampler(logits, temps, self.generator).tolist()
-            if self.logits_log is not None:
-                self.logits_log.append(logits.float().cpu())
-            rec = StepRecord("prefill" if step.is_prefill else "decode", step.num_seqs, step.num_tokens,
-                             timer.elapsed(), use_graph, step.kv_tokens_read)
-            for hook in self.step_hooks:
-                hook(rec)
+        if self.rank != 0:
+            return None
+        temps = step.temperatures.to(self.device, non_blocking=True)
+        tokens = self.sampler(logits, temps, self.generator)
+        if self.logits_log is not None:
+            self.logits_log.append(logits.float().cpu())
+        pending = Pending(step, tokens, timer, use_graph)
+        pending.start_copy()
+        return pending
+
+    def collect(self, pending: Pending) -> list[int]:
+        """Wait for a launched step's tokens (rank 0) and report the step to the timing hooks."""
+        tokens = pending.wait()
+        s = pending.step
+        rec = StepRecord("prefill" if s.is_prefill else "decode", s.num_seqs, s.num_tokens,
+                         pending.timer.elapsed(), pending.cuda_graph, s.kv_tokens_read)
+        for hook in self.step_hooks:
+            hook(rec)
         return tokens
 
     def shutdown(self) -> None:
@@ -231,7 +249,8 @@ class ModelRunner:
 
 
 class _Timer:
-    """Device events on cuda, a monotonic clock on cpu."""
+    """Device events on cuda, a monotonic clock on cpu. `stop()` marks the end of the step's work when it is
+    queued (a later step may be queued behind it); `elapsed()` waits for it."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -241,9 +260,48 @@ class _Timer:
         else:
             self.t0 = time.perf_counter()
 
-    def elapsed(self) -> float:
+    def stop(self) -> None:
         if self.cuda:
             self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.cuda:
             self.end.synchronize()
             return self.start.elapsed_time(self.end) / 1e3
-        return time.perf_counter() - self.t0
+        return self.t1 - self.t0
+
+
+@dataclass
+class Carry:
+    """Input ids that come from the previous step's sampled tokens, still on the device: ids[dst] = tokens[src]."""
+
+    tokens: torch.Tensor
+    src: list[int]
+    dst: list[int]
+
+    def apply(self, ids: torch.Tensor) -> None:
+        idx = torch.tensor([self.src, self.dst], dtype=torch.int64).to(ids.device, non_blocking=True)
+        ids.index_copy_(0, idx[1], self.tokens.index_select(0, idx[0]).to(ids.dtype))
+
+
+class Pending:
+    """A launched step's sampled tokens on their way to the host (a pinned buffer and an event on cuda)."""
+
+    def __init__(self, step: StepInput, tokens: torch.Tensor, timer: _Timer, cuda_graph: bool) -> None:
+        self.step, self.tokens, self.timer, self.cuda_graph = step, tokens, timer, cuda_graph
+        self.host, self.done = tokens, None
+
+    def start_copy(self) -> None:
+        self.timer.stop()
+        if self.tokens.device.type == "cuda":
+            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host.copy_(self.tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
