@@ -34,7 +34,10 @@ def git_info() -> dict[str, Any]:
     sha = _git("rev-parse", "HEAD")
     # Untracked files do not change what ran from the repository's tracked code.
     status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
-    return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
+    # A copied working tree (a remote GPU machine) may carry an older .git than the code it holds: the caller
+    # can name the commit it sent in GIT_SHA, which is then recorded beside what git itself says.
+    return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None,
+            "git_sha_declared": os.environ.get("GIT_SHA") or None}
 
 
 def _version(pkg: str) -> str | None:

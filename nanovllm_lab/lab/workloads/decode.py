@@ -42,14 +42,19 @@ class DecodeWorkload(Workload):
             for bs in p.batch_sizes:
                 for prompt in random_prompts(rng, bs, p.context_len, p.context_len, max_id):
                     llm.add_request(prompt, sp)
-                decoded = 0
+                first = len(ctx.recorder.rows)
                 while not llm.is_finished():
-                    ctx.recorder.warmup = decoded < p.warmup_steps  # the prefill step counts as warm-up too
                     _, n = llm.step()
                     if n < 0:
-                        decoded += 1
                         bar.update(1)
-                ctx.recorder.warmup = False
+                # Labelled from the records, not from the step calls: with overlapped decode a step's record
+                # arrives one call later. The prefill and the first warmup_steps decode steps are warm-up.
+                rows = ctx.recorder.rows[first:]
+                decode_rows = [r for r in rows if r["phase"] == "decode"]
+                for r in rows:
+                    r["warmup"] = r["phase"] != "decode"
+                for r in decode_rows[:p.warmup_steps]:
+                    r["warmup"] = True
         bar.close()
         if llm.scheduler.num_preemptions > preempted:
             log.warning("decode: %d preemptions (KV cache too small): some steps ran below the batch size",
