@@ -60,7 +60,8 @@ def test_cuda_graph_decode_equals_eager(qwen3_dir):
 
 def test_overlapped_decode_equals_synchronous(qwen3_dir):
     """engine/overlap.py on cuda (CUDA graphs, pinned copies, device-side ids): the synchronous engine's tokens."""
-    params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True) for t, n in ((0, 17), (0.8, 9), (0, 1), (0.8, 24))]
+    params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True)
+              for t, n in ((0, 17), (0.8, 9), (0, 1), (0.8, 24))]
     runs = []
     for a in (False, True):
         with LLM(qwen3_dir, dtype="bfloat16", async_scheduling=a, kvcache_block_size=16, gpu_memory_utilization=0.3,

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from nanovllm_lab import LLM, SamplingParams
-from nanovllm_lab.engine.model_runner import Carry
+from nanovllm_lab.engine.pending import Carry
 
 rng = random.Random(0)
 PROMPTS = [[rng.randint(0, 500) for _ in range(rng.randint(5, 60))] for _ in range(12)]

@@ -18,7 +18,8 @@ from nanovllm_lab.engine.inputs import StepInput
 from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
 
 if TYPE_CHECKING:
-    from nanovllm_lab.engine.model_runner import Carry, ModelRunner
+    from nanovllm_lab.engine.model_runner import ModelRunner
+    from nanovllm_lab.engine.pending import Carry
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class DecodeGraphs:
         self._h_ids[:], self._h_pos[:], self._h_slots[:], self._h_ctx[:], self._h_bt[:] = 0, 0, -1, 1, -1
         self._dev.copy_(self._host)
         d = self._dev
-        self.input_ids, self.positions, self.slot_mapping, self.context_lens = d[:n], d[n:2 * n], d[2 * n:3 * n], d[3 * n:4 * n]
+        self.input_ids, self.positions = d[:n], d[n:2 * n]
+        self.slot_mapping, self.context_lens = d[2 * n:3 * n], d[3 * n:4 * n]
         self.block_tables = d[4 * n:].view(n, self.max_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}

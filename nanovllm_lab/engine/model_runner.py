@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +20,7 @@ from nanovllm_lab.comm import build_strategy, set_comm
 from nanovllm_lab.config import Config
 from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
 from nanovllm_lab.engine.inputs import StepInput
+from nanovllm_lab.engine.pending import Carry, Pending, StepTimer
 from nanovllm_lab.layers.attention import Attention
 from nanovllm_lab.layers.sampler import Sampler
 from nanovllm_lab.models.qwen3 import Qwen3ForCausalLM, checkpoint_shapes
@@ -139,8 +139,9 @@ class ModelRunner:
         if cached:
             width = (max(lens) + cached + self.block_size - 1) // self.block_size
             tables = torch.full((len(lens), width), self.num_kvcache_blocks, dtype=torch.int32)
-        step = StepInput(True, torch.zeros(n, dtype=torch.int64), torch.cat([torch.arange(cached, cached + x) for x in lens]),
-                         torch.full((n,), -1, dtype=torch.int32), torch.zeros(len(lens)), cq, ck, None, tables)
+        positions = torch.cat([torch.arange(cached, cached + x) for x in lens])
+        step = StepInput(True, torch.zeros(n, dtype=torch.int64), positions, torch.full((n,), -1, dtype=torch.int32),
+                         torch.zeros(len(lens)), cq, ck, None, tables)
         self._forward(step, step.to_context(self.device))
 
     def _allocate_kv_cache(self) -> int:
@@ -200,7 +201,7 @@ class ModelRunner:
         """Queue one step's device work and return without waiting for it (rank 0: the pending sampled
         tokens; other ranks: None). `carry` takes some input ids from an earlier step's tokens still on the
         device, which lets the engine build step N+1 while step N runs (engine/overlap.py)."""
-        timer = _Timer(self.device)
+        timer = StepTimer(self.device)
         use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
         # Built once: the eager forward and the LM head (last tokens from cu_seqlens) share it.
         ctx = AttentionContext(is_prefill=False) if use_graph else step.to_context(self.device)
@@ -246,62 +247,3 @@ class ModelRunner:
         set_comm(None)
         set_compile(False)
         destroy_distributed()
-
-
-class _Timer:
-    """Device events on cuda, a monotonic clock on cpu. `stop()` marks the end of the step's work when it is
-    queued (a later step may be queued behind it); `elapsed()` waits for it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        if self.cuda:
-            self.end.synchronize()
-            return self.start.elapsed_time(self.end) / 1e3
-        return self.t1 - self.t0
-
-
-@dataclass
-class Carry:
-    """Input ids that come from the previous step's sampled tokens, still on the device: ids[dst] = tokens[src]."""
-
-    tokens: torch.Tensor
-    src: list[int]
-    dst: list[int]
-
-    def apply(self, ids: torch.Tensor) -> None:
-        idx = torch.tensor([self.src, self.dst], dtype=torch.int64).to(ids.device, non_blocking=True)
-        ids.index_copy_(0, idx[1], self.tokens.index_select(0, idx[0]).to(ids.dtype))
-
-
-class Pending:
-    """A launched step's sampled tokens on their way to the host (a pinned buffer and an event on cuda)."""
-
-    def __init__(self, step: StepInput, tokens: torch.Tensor, timer: _Timer, cuda_graph: bool) -> None:
-        self.step, self.tokens, self.timer, self.cuda_graph = step, tokens, timer, cuda_graph
-        self.host, self.done = tokens, None
-
-    def start_copy(self) -> None:
-        self.timer.stop()
-        if self.tokens.device.type == "cuda":
-            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self.host.copy_(self.tokens, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
-
-    def wait(self) -> list[int]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.host.tolist()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nanovllm_lab.engine.inputs import prepare_decode
-from nanovllm_lab.engine.model_runner import Carry, Pending
+from nanovllm_lab.engine.pending import Carry, Pending
 from nanovllm_lab.engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:

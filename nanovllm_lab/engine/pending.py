@@ -1,0 +1,70 @@
+"""A launched step: its timer, the input ids it carries over from the previous step's sampled tokens, and its
+sampled tokens on their way to the host. The model runner's `launch` makes one, `collect` waits for it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm_lab.engine.inputs import StepInput
+
+
+class StepTimer:
+    """Device events on cuda, a monotonic clock on cpu. `stop()` marks the end of the step's work when it is
+    queued (a later step may be queued behind it); `elapsed()` waits for it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.t1 - self.t0
+
+
+@dataclass
+class Carry:
+    """Input ids that come from the previous step's sampled tokens, still on the device: ids[dst] = tokens[src]."""
+
+    tokens: torch.Tensor
+    src: list[int]
+    dst: list[int]
+
+    def apply(self, ids: torch.Tensor) -> None:
+        idx = torch.tensor([self.src, self.dst], dtype=torch.int64).to(ids.device, non_blocking=True)
+        ids.index_copy_(0, idx[1], self.tokens.index_select(0, idx[0]).to(ids.dtype))
+
+
+class Pending:
+    """A launched step's sampled tokens on their way to the host (a pinned buffer and an event on cuda)."""
+
+    def __init__(self, step: StepInput, tokens: torch.Tensor, timer: StepTimer, cuda_graph: bool) -> None:
+        self.step, self.tokens, self.timer, self.cuda_graph = step, tokens, timer, cuda_graph
+        self.host, self.done = tokens, None
+
+    def start_copy(self) -> None:
+        self.timer.stop()
+        if self.tokens.device.type == "cuda":
+            self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host.copy_(self.tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
