@@ -88,3 +88,13 @@ def test_missing_carry_is_caught(monkeypatch):
 def test_async_scheduling_must_be_bool():
     with pytest.raises(ValueError, match="async_scheduling"):
         LLM("tiny", device="cpu", async_scheduling="yes")
+
+
+def test_tensor_parallel_2_over_gloo():
+    """At tp=2 every rank samples the all-gathered logits with the same generator, so the worker's ids carried on
+    its own device equal rank 0's: the overlapped engine gives the synchronous one's tokens, sampled rows too.
+    (A worker that skipped its carry fails this: checked by planting it.)"""
+    sync, _, _, _ = generate(False, tensor_parallel_size=2)
+    over, n, _, _ = generate(True, tensor_parallel_size=2)
+    assert n > 10
+    assert over == sync

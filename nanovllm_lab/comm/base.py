@@ -96,8 +96,8 @@ class CommStrategy:
     def reduce_embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(x)
 
-    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Vocab shards -> full logits on rank 0 (None elsewhere).
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocab shards -> full logits on every rank (worker ranks sample too under overlapped decode).
 
         An all-gather, not `dist.gather`: NCCL runs gather as point-to-point sends, which set up their own
         communicators lazily; on 2 x H200 the first steps of each new batch size then took ~2 s
@@ -109,8 +109,6 @@ class CommStrategy:
         out = torch.empty((self.world_size * logits.shape[0], logits.shape[1]), dtype=logits.dtype,
                           device=logits.device)
         dist.all_gather_into_tensor(out, logits)
-        if self.rank != 0:
-            return None
         return out.view(self.world_size, *logits.shape).permute(1, 0, 2).reshape(logits.shape[0], -1)
 
     # -- the decoder stack -------------------------------------------------------------------------

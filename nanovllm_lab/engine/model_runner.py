@@ -75,6 +75,9 @@ class ModelRunner:
             for m in self.attn_layers:
                 m.backend = self.backend
             self.sampler = Sampler()
+            # Worker ranks sample too when decode steps may be overlapped: they need the sampled ids.
+            self.samples = rank == 0 or config.async_scheduling
+            self._last_tokens: torch.Tensor | None = None
             self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
             self.strategy.prepare(config.max_num_batched_tokens, arch.hidden_size, self.dtype)
             self.step_hooks: list[Callable[[StepRecord], None]] = []
@@ -117,7 +120,7 @@ class ModelRunner:
         """
         self._prefill_dummy([2], cached=1)
         if self.config.torch_compile:
-            if self.rank == 0:
+            if self.samples:
                 gen = torch.Generator(device=self.device).manual_seed(0)
                 for b in (1, 2):
                     logits = torch.zeros(b, self.config.arch.vocab_size, dtype=self.dtype, device=self.device)
@@ -182,7 +185,9 @@ class ModelRunner:
         """Hidden states of this step's tokens (eager), with the step's attention context installed."""
         set_context(ctx)
         try:
-            ids = step.input_ids.to(self.device, non_blocking=True)
+            # A copy when ids are patched: on cpu `.to` returns the step's own tensor, which the control plane
+            # may share with the worker ranks (torch pickles cpu tensors through shared memory).
+            ids = step.input_ids.to(self.device, non_blocking=True, copy=carry is not None)
             if carry is not None:
                 carry.apply(ids)
             pos = step.positions.to(self.device, non_blocking=True)
@@ -197,10 +202,13 @@ class ModelRunner:
         return None if pending is None else self.collect(pending)
 
     @torch.inference_mode()
-    def launch(self, step: StepInput, carry: Carry | None = None) -> Pending | None:
+    def launch(self, step: StepInput, carry_rows: tuple[list[int], list[int]] | None = None) -> Pending | None:
         """Queue one step's device work and return without waiting for it (rank 0: the pending sampled
-        tokens; other ranks: None). `carry` takes some input ids from an earlier step's tokens still on the
-        device, which lets the engine build step N+1 while step N runs (engine/overlap.py)."""
+        tokens; other ranks: None). `carry_rows` = (src, dst): input ids[dst] are the previous step's sampled
+        tokens[src], still on the device, which lets the engine build step N+1 while step N runs
+        (engine/overlap.py). For that every rank samples (the same all-gathered logits, the same seeded
+        generator: the same tokens), so worker ranks have the ids too."""
+        carry = Carry(self._last_tokens, *carry_rows) if carry_rows else None
         timer = StepTimer(self.device)
         use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
         # Built once: the eager forward and the LM head (last tokens from cu_seqlens) share it.
@@ -211,10 +219,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         finally:
             reset_context()
-        if self.rank != 0:
+        if not self.samples:
             return None
         temps = step.temperatures.to(self.device, non_blocking=True)
-        tokens = self.sampler(logits, temps, self.generator)
+        tokens = self._last_tokens = self.sampler(logits, temps, self.generator)
+        if self.rank != 0:
+            return None
         if self.logits_log is not None:
             self.logits_log.append(logits.float().cpu())
         pending = Pending(step, tokens, timer, use_graph)

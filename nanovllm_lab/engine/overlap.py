@@ -10,10 +10,10 @@ Here step N+1 is scheduled and launched before step N's tokens reach the host:
 - when step N's tokens arrive, the placeholders are replaced and the prefix-cache hashes registered; only
   then are tokens hashed, so no placeholder ever reaches the prefix cache.
 
-It applies where a sequence's end is known before its token is (ignore_eos, or a model without EOS ids), at
-tensor_parallel_size=1 (worker ranks do not sample, so they cannot take ids from sampled tokens), and while
-no prompt waits and no preemption is due: otherwise the engine drains the step in flight and runs
-synchronously. Tokens are the same as the synchronous engine's, in the same sampler order (tests).
+It applies where a sequence's end is known before its token is (ignore_eos, or a model without EOS ids), and
+while no prompt waits and no preemption is due: otherwise the engine drains the step in flight and runs
+synchronously. With tensor parallelism every rank samples the same all-gathered logits with the same seeded
+generator, so each worker takes its next ids from its own copy of the tokens. Tokens are the same as the synchronous engine's, in the same sampler order (tests).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nanovllm_lab.engine.inputs import prepare_decode
-from nanovllm_lab.engine.pending import Carry, Pending
+from nanovllm_lab.engine.pending import Pending
 from nanovllm_lab.engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class OverlapDecoder:
 
     def applies(self, seqs: list[Sequence], is_prefill: bool) -> bool:
         e = self.engine
-        return (e.config.async_scheduling and e.config.tensor_parallel_size == 1 and not is_prefill
+        return (e.config.async_scheduling and not is_prefill
                 and e.model_runner.logits_log is None
                 and (not e.scheduler.eos_token_ids or all(s.ignore_eos for s in seqs)))
 
@@ -72,7 +72,7 @@ class OverlapDecoder:
             if s.seq_id in row:
                 src.append(row[s.seq_id])
                 dst.append(j)
-        self.inflight = self._launch(seqs, step, Carry(prev.pending.tokens, src, dst))
+        self.inflight = self._launch(seqs, step, (src, dst) if src else None)
         self.num_overlapped += 1
         return self._resolve(prev), -len(seqs)
 
@@ -89,8 +89,8 @@ class OverlapDecoder:
         need = sum(1 for s in sched.running if len(s.block_table) * bs < s.num_tokens)
         return need <= sched.block_manager.num_free_blocks
 
-    def _launch(self, seqs: list[Sequence], step, carry: Carry | None) -> InFlight:
-        pending = self.engine.model_runner.launch(step, carry)
+    def _launch(self, seqs: list[Sequence], step, carry_rows: tuple[list[int], list[int]] | None) -> InFlight:
+        pending = self.engine._call("launch", step, carry_rows)  # every rank: workers take the ids themselves
         slots = []
         sched = self.engine.scheduler
         for s in seqs:  # the scheduler's postprocess, less what needs the token's value

@@ -179,7 +179,7 @@ class LabConfig:
     dtype: str = "auto"
     enforce_eager: bool = False
     torch_compile: Optional[bool] = None  # fuse the small elementwise layers with torch.compile; null: on for cuda
-    async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (tp=1, ignore_eos)
+    async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (ignore_eos)
     max_model_len: int = 4096
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
