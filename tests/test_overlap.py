@@ -98,3 +98,12 @@ def test_tensor_parallel_2_over_gloo():
     over, n, _, _ = generate(True, tensor_parallel_size=2)
     assert n > 10
     assert over == sync
+
+
+@pytest.mark.parametrize("strategy", [{"name": "async", "min_tokens": 1}, {"name": "async_rsag", "min_tokens": 1},
+                                      {"name": "chunked", "chunks": 2, "min_tokens_per_chunk": 1}])
+def test_strategies_at_tp2_overlapped_equal_synchronous(strategy):
+    """The communication strategies' own stream and micro-batch handling under overlapped decode."""
+    sync, _, _, _ = generate(False, tensor_parallel_size=2, strategy=strategy)
+    over, n, _, _ = generate(True, tensor_parallel_size=2, strategy=strategy)
+    assert n > 10 and over == sync
