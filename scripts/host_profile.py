@@ -2,8 +2,8 @@
 
     python3 scripts/host_profile.py [--model qwen3-0.6b] [--seqs 256] [--max-out 1024] [--cprofile]
 
-Times each part of LLMEngine.step with perf_counter (schedule, input building, the runner's `run`, postprocess)
-and, inside `run`, the part that waits for the device (`.tolist()` of the sampled tokens). The device time per
+Times each part of LLMEngine.step with perf_counter (schedule, input building, the runner's `launch`, and
+`collect`, which waits for the device), with overlapped decode (default) or without it (--sync). The device time per
 step comes from the engine's own CUDA-event step records. Host time the GPU waits for = wall - device time.
 With --cprofile a second pass runs under cProfile and prints the functions with the most own time.
 """
@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from nanovllm_lab import LLM, SamplingParams
-from nanovllm_lab.engine import llm_engine
+from nanovllm_lab.engine import llm_engine, overlap
 
 
 def requests(rng: random.Random, n: int, max_out: int, vocab: int):
@@ -48,8 +48,9 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--max-out", type=int, default=1024)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="async_scheduling=False: no overlapped decode")
     a = ap.parse_args()
-    llm = LLM(a.model, max_model_len=4096, **({"device": a.device} if a.device else {}))
+    llm = LLM(a.model, max_model_len=4096, async_scheduling=not a.sync, **({"device": a.device} if a.device else {}))
     eng = llm
     rng = random.Random(0)
     prompts, sps = requests(rng, a.seqs, a.max_out, llm.config.arch.vocab_size)
@@ -62,12 +63,14 @@ def main() -> None:
     sched.schedule = timed(parts, "schedule", sched.schedule)
     sched.postprocess = timed(parts, "postprocess", sched.postprocess)
     llm_engine.prepare_decode = timed(parts, "prepare_decode", llm_engine.prepare_decode)
+    overlap.prepare_decode = timed(parts, "prepare_decode", overlap.prepare_decode)
     llm_engine.prepare_prefill = timed(parts, "prepare_prefill", llm_engine.prepare_prefill)
     runner = llm.model_runner
-    runner.run = timed(parts, "run (all)", runner.run)
+    runner.launch = timed(parts, "launch (host)", runner.launch)
+    runner.collect = timed(parts, "collect (waits for the device)", runner.collect)
     if runner.graphs is not None:
-        runner.graphs.replay = timed(parts, "run: graph replay launch", runner.graphs.replay)
-    runner.sampler.forward = timed(parts, "run: sampler launch", runner.sampler.forward)
+        runner.graphs.replay = timed(parts, "  of launch: graph replay", runner.graphs.replay)
+    runner.sampler.forward = timed(parts, "  of launch: sampler", runner.sampler.forward)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     print("== timed run starts", file=sys.stderr, flush=True)
@@ -80,10 +83,9 @@ def main() -> None:
           f"step records (CUDA events) {dev:.2f} s; decode {sum(r.phase == 'decode' for r in recs)} steps")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:36s} {v:7.3f} s  {1e3 * v / max(len(recs), 1):6.3f} ms/step")
-    rest = parts["run (all)"] - parts["run: graph replay launch"] - parts["run: sampler launch"]
-    print(f"  {'run: rest (eager forward, logits, wait)':36s} {rest:7.3f} s  {1e3 * rest / max(len(recs), 1):6.3f} ms/step")
-    outside = wall - parts["run (all)"]
-    print(f"  {'outside run (host only)':36s} {outside:7.3f} s  {1e3 * outside / max(len(recs), 1):6.3f} ms/step")
+    host = wall - parts["collect (waits for the device)"]
+    print(f"  {'host, not waiting':36s} {host:7.3f} s  {1e3 * host / max(len(recs), 1):6.3f} ms/step")
+    print(f"  {'device idle (wall - step records)':36s} {wall - dev:7.3f} s")
     pre = [r for r in recs if r.phase == "prefill"]
     print(f"  prefill steps (tokens: ms): " + ", ".join(f"{r.num_tokens}: {r.latency_s * 1e3:.0f}" for r in pre))
     slow = sorted(recs, key=lambda r: -r.latency_s)[:5]
