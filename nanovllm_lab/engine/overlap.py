@@ -13,7 +13,8 @@ Here step N+1 is scheduled and launched before step N's tokens reach the host:
 It applies where a sequence's end is known before its token is (ignore_eos, or a model without EOS ids), and
 while no prompt waits and no preemption is due: otherwise the engine drains the step in flight and runs
 synchronously. With tensor parallelism every rank samples the same all-gathered logits with the same seeded
-generator, so each worker takes its next ids from its own copy of the tokens. Tokens are the same as the synchronous engine's, in the same sampler order (tests).
+generator, so each worker takes its next ids from its own copy of the tokens. Tokens are the same as the
+synchronous engine's, in the same sampler order (tests/test_overlap.py).
 """
 from __future__ import annotations
 
