@@ -1,7 +1,8 @@
 """The side-by-side report of the runs under a directory: tables and figures, as markdown or HTML.
 
 Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
-and tp (the median if there are several). Layer rows (the layer workload) add exposed communication and
+and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
+exposed communication (share of the run's time) follow the research guide's definitions. Layer rows (the layer workload) add exposed communication and
 overlap efficiency per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nanovllm_lab.lab import plots, results
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "device", "throughput_tok_s", "speedup_vs_blocking",
-               "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
+               "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
 _GROUP = ["workload", "model", "tp"]
 
 
@@ -47,6 +48,16 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
             .rename("blocking_tok_s").reset_index())
     ok = ok.merge(base, on=_GROUP, how="left")
     ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / ok["blocking_tok_s"]
+    # The research guide's metrics end to end, where the group has a `none` run (the no-communication bound):
+    # time per token T = 1 / throughput; overlap efficiency = (T_blocking - T) / (T_blocking - T_none), exposed
+    # communication as a share of the run = (T - T_none) / T.
+    bound = (ok[ok["strategy"] == "none"].groupby(_GROUP)["throughput_tok_s"].median()
+             .rename("none_tok_s").reset_index())
+    ok = ok.merge(bound, on=_GROUP, how="left")
+    t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ok["blocking_tok_s"], 1 / ok["none_tok_s"]
+    penalty = (t_b - t_n).where((t_b - t_n).abs() > 0)
+    ok["overlap_efficiency"] = ((t_b - t) / penalty).where(ok["strategy"] != "none")
+    ok["exposed_comm_share"] = ((t - t_n) / t).where(ok["strategy"] != "none")
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
 

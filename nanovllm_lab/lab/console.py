@@ -12,7 +12,7 @@ import pandas as pd
 
 # The columns worth a glance, in reading order; missing ones are skipped.
 SWEEP_COLUMNS = ["run", "status", "workload", "model", "strategy", "tp", "device", "throughput_tok_s",
-                 "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "achieved_over_floor",
+                 "overlap_efficiency", "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "achieved_over_floor",
                  "valid_outputs", "error_type"]
 RUN_KEYS = ["workload", "model", "strategy", "tp", "device", "dtype", "valid_outputs", "throughput_tok_s",
             "output_tok_s", "num_steps", "prefill_latency_ms_p50", "prefill_latency_ms_p10", "prefill_latency_ms_p90",
@@ -24,7 +24,8 @@ RUN_KEYS = ["workload", "model", "strategy", "tp", "device", "dtype", "valid_out
 # Short headers so that a sweep's table fits a terminal.
 HEADERS = {"throughput_tok_s": "tok/s", "speedup_vs_blocking": "x blocking", "prefill_latency_ms_p50": "prefill ms p50",
            "decode_latency_ms_p50": "decode ms p50", "ttft_ms_p50": "TTFT ms p50", "tpot_ms_p50": "TPOT ms p50",
-           "valid_outputs": "valid", "error_type": "error", "achieved_over_floor": "of floor"}
+           "valid_outputs": "valid", "error_type": "error", "achieved_over_floor": "of floor",
+           "overlap_efficiency": "overlap eff"}
 
 
 def _fmt(v: Any) -> str:
@@ -57,6 +58,11 @@ def print_run_summary(summary: dict[str, Any]) -> None:
 
 
 def sweep_frame(summaries: pd.DataFrame) -> pd.DataFrame:
+    from nanovllm_lab.lab.compare import comparison_table  # overlap efficiency where the sweep has blocking + none
+    if "run" in summaries.columns and "overlap_efficiency" not in summaries.columns:
+        eff = comparison_table(summaries)
+        if "overlap_efficiency" in eff.columns and eff["overlap_efficiency"].notna().any():
+            summaries = summaries.merge(eff[["run", "overlap_efficiency"]], on="run", how="left")
     cols = [c for c in SWEEP_COLUMNS if c in summaries.columns]
     df = summaries[cols]
     return df.sort_values([c for c in ("workload", "tp", "strategy") if c in df.columns], kind="stable")
