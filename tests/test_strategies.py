@@ -43,9 +43,9 @@ def _one_thread_per_rank():
         os.environ["OMP_NUM_THREADS"] = old_env
 
 
-def run_scenario(strategy) -> dict:
+def run_scenario(strategy, tp: int = 2) -> dict:
     """Batch A then the prefix-sharing batch B through one engine: tokens, per-step logits, cache hits."""
-    llm = LLM("tiny", strategy=strategy, **ENGINE)
+    llm = LLM("tiny", strategy=strategy, **{**ENGINE, "tensor_parallel_size": tp})
     try:
         logits: list[torch.Tensor] = []
         sampler = llm.model_runner.sampler
@@ -122,6 +122,17 @@ def test_strategy_matches_blocking(key, reference):
     got = run_scenario(STRATEGIES[key])
     assert got["cache_hits"] == reference["cache_hits"]
     assert_same(got, reference, key)
+
+
+@pytest.mark.parametrize("key", ["blocking", "async", "chunked-3", "rsag", "async_rsag"])
+def test_tp4_matches_tp2_blocking(key, reference, monkeypatch):
+    """Four ranks (the tiny arch's 4 KV heads: one per rank; 2 query heads each): shards of a quarter, rsag's
+    token shards padded four ways. Tokens as at tp=2; logits within float32 tolerance (sums in another order).
+    The engine refuses more CPU ranks than cores (a usability guard, not a correctness one): CI has 2 cores."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    got = run_scenario(STRATEGIES.get(key, key), tp=4)
+    assert got["cache_hits"] == reference["cache_hits"]
+    assert_same(got, reference, f"{key} at tp=4")
 
 
 def test_overlap_matches_blocking_and_switches(reference, overlap_table):
