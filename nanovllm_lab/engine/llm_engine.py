@@ -73,21 +73,18 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
-        if not isinstance(sampling_params, SamplingParams):  # before tokenizing: the cheaper error first
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        _check_params(sampling_params)  # before tokenizing: the cheaper error first
         ids = self._tokenize(prompt)
-        self._check(ids, sampling_params)
+        self._check_length(ids, sampling_params)
         return self._add(ids, sampling_params)
 
-    def _check(self, ids: list[int], sampling_params: SamplingParams) -> None:
-        if not isinstance(sampling_params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+    def _check_length(self, ids: list[int], sampling_params: SamplingParams) -> None:
         if len(ids) + sampling_params.max_tokens > self.config.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens={sampling_params.max_tokens} exceeds "
                              f"max_model_len={self.config.max_model_len}")
 
     def _add(self, ids: list[int], sampling_params: SamplingParams) -> int:
-        """Queue ids that _tokenize and _check accepted."""
+        """Queue ids that _tokenize, _check_params and _check_length accepted."""
         seq = Sequence(ids, sampling_params, self.config.kvcache_block_size)
         self.scheduler.add(seq)
         return seq.seq_id
@@ -141,7 +138,8 @@ class LLMEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} SamplingParams")
         ids = [self._tokenize(p) for p in prompts]  # validate everything before queueing anything
         for i, sp in zip(ids, sampling_params):
-            self._check(i, sp)
+            _check_params(sp)
+            self._check_length(i, sp)
         seq_ids = [self._add(i, sp) for i, sp in zip(ids, sampling_params)]
         outputs: dict[int, list[int]] = {}
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -181,6 +179,11 @@ class LLMEngine:
         runner = getattr(self, "model_runner", None)
         if runner is not None:
             runner.shutdown()
+
+
+def _check_params(sampling_params: SamplingParams) -> None:
+    if not isinstance(sampling_params, SamplingParams):
+        raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
 
 
 def _abort_nccl(rank: int) -> None:

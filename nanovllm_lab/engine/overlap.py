@@ -19,7 +19,7 @@ synchronous engine's, in the same sampler order (tests/test_overlap.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from nanovllm_lab.engine.inputs import prepare_decode
 from nanovllm_lab.engine.pending import Pending
@@ -44,7 +44,7 @@ class OverlapDecoder:
         self.inflight: InFlight | None = None
         self.num_overlapped = 0  # steps launched while another was in flight (tests, stats)
 
-    def applies(self, seqs: list[Sequence], is_prefill: bool) -> bool:
+    def applies(self, seqs: Iterable[Sequence], is_prefill: bool) -> bool:
         e = self.engine
         return (e.config.async_scheduling and not is_prefill
                 and e.model_runner.logits_log is None
@@ -58,7 +58,7 @@ class OverlapDecoder:
         """The next step can be a decode of the running sequences, launched before the one in flight ends."""
         sched = self.engine.scheduler
         return (bool(sched.running) and not sched.waiting and self._decode_fits()
-                and self.applies(list(sched.running), False))
+                and self.applies(sched.running, False))
 
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
         """With a step in flight and can_continue(): launch the next decode step, then collect the one in flight."""
