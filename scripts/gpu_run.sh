@@ -27,10 +27,10 @@ for stage in $stages; do
   echo "== $stage"
   case $stage in
     tests)   # one file at a time, each boxed, so one stuck file cannot hide the others' results
-             for f in tests/test_triton_gpu.py tests/test_engine_gpu.py tests/test_strategies_gpu.py \
-                      tests/test_distributed_gpu.py tests/test_flash_attn_backend.py; do
+             for f in ${TEST_FILES:-tests/test_triton_gpu.py tests/test_engine_gpu.py tests/test_strategies_gpu.py \
+                      tests/test_distributed_gpu.py tests/test_flash_attn_backend.py}; do
                box=${TESTS_S:-150}; [ "$f" = tests/test_strategies_gpu.py ] && box=${TESTS_S:-420}  # 22 tp=2 engines
-               timeout "$box" python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider "$f" \
+               timeout "$box" python3 -m pytest -m gpu -v --tb=short --durations=12 -p no:cacheprovider "$f" \
                  > "$O/tests_$(basename "$f" .py).log" 2>&1
                echo "$f rc=$?"; grep -E "passed|failed|FAILED" "$O/tests_$(basename "$f" .py).log" | tail -n 8
              done ;;
