@@ -117,6 +117,13 @@ class AsyncRsAgStrategy(CommStrategy):
             mb.residual = token_shard(hidden[t0:t1], self.rank, self.world_size)
             mbs.append(mb)
         residuals: list[torch.Tensor] = []
+        # The first residual shards come from the compute stream (a padded copy when a micro-batch's token count
+        # is not a multiple of tp). Each is replaced by the communication stream's first add + norm as soon as
+        # that is *queued*, so without this reference its memory went back to the compute stream's pool while
+        # the side stream had yet to read it, and the next micro-batch's attention output overwrote it: seen on
+        # 2 x H200 as wrong tokens from the first step (gloo runs the side work inline and cannot show it). Held
+        # until the compute stream has waited for the side stream, below.
+        first_residuals = [mb.residual for mb in mbs]  # noqa: F841
         self._unreduced = True
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)  # what the symm_mem reduction kernels dispatch on
 
+# torch's CUDA symmetric memory exchanges rendezvous metadata through the group's store under keys numbered by a
+# per-process counter (a static `StoreExchange` with a `seq_id_`, two exchanges per rendezvous). Rank 0 lives in
+# the driver process across engines (a test file, a Hydra sweep); the other ranks are fresh worker processes whose
+# counters start at 0. A second symm engine in one process therefore waited forever for keys the workers never
+# write (seen on 2 x H200, torch 2.11: the second symm test of a file hung). We count rendezvous per process and,
+# before each real one, let every rank that is behind catch up with rendezvous on a group of itself alone: those
+# make the same exchanges but wait for nobody.
+_rendezvous_done = 0
+
 
 @dataclass(frozen=True)
 class SymmConfig(StrategyConfig):
@@ -79,6 +88,30 @@ def _has_op(name: str) -> bool:
         return False
 
 
+def _rendezvous(tensor: torch.Tensor, group_name: str) -> None:
+    global _rendezvous_done
+    import torch.distributed._symmetric_memory as symm_mem
+    symm_mem.rendezvous(tensor, group_name)
+    _rendezvous_done += 1
+
+
+def _align_store_exchange(group, device) -> None:
+    """Bring every rank's symmetric-memory exchange counter to the group's highest (see `_rendezvous_done`)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    world = dist.get_world_size(group)
+    mine = torch.tensor([_rendezvous_done], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(counts, mine, group=group)
+    counts = [int(c) for c in counts]
+    if min(counts) == max(counts):
+        return
+    alone = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
+    me = alone[dist.get_rank(group)]
+    log.info("strategy 'symm': aligning symmetric-memory exchange counters %s", counts)
+    for _ in range(max(counts) - _rendezvous_done):
+        _rendezvous(symm_mem.empty(1, dtype=torch.float32, device=device), me.group_name)
+
+
 @register_strategy("symm", SymmConfig)
 class SymmStrategy(CommStrategy):
     def __init__(self, cfg: SymmConfig, info: ParallelInfo) -> None:
@@ -113,7 +146,8 @@ class SymmStrategy(CommStrategy):
         capacity = self.cfg.max_tokens or max_tokens
         self.hidden_size = hidden_size
         self.buffer = symm_mem.empty(capacity * hidden_size, dtype=dtype, device=self.device)
-        symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank allocates the same size
+        _align_store_exchange(group, self.device)
+        _rendezvous(self.buffer, self.group_name)  # collective: every rank allocates the same size
         self._one_shot_out = _has_op("one_shot_all_reduce_out")
         self._two_shot_out = _has_op("two_shot_all_reduce_out") and self.world_size in (2, 4, 8)
         log.info("strategy 'symm': %.1f MiB symmetric buffer (%d tokens), one-shot up to %d bytes",
