@@ -1,6 +1,10 @@
 """The engine against transformers' own Qwen3 on CPU in float32: prefill logits and greedy generations."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +124,16 @@ def test_torch_compile_matches_transformers(qwen3_dir, hf_model):
     for p, o in zip(PROMPTS[:2], outs):
         ref, ref_logits = hf_greedy(hf_model, p, 8)
         assert_greedy_agrees(o["token_ids"], ref, ref_logits)
+
+
+def test_compile_runs_without_inductor_worker_pool():
+    """Compiling turns inductor's worker pool off (its shutdown held a tp=2 GPU sweep's exit for minutes),
+    unless the user chose a thread count: checked in fresh interpreters, as the setting is process-wide."""
+    code = ("import torch._inductor.config as c; from nanovllm_lab.utils.compile import set_compile; "
+            "set_compile(True); print(c.compile_threads)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "TORCHINDUCTOR_COMPILE_THREADS": "2"},
+                            capture_output=True, text=True, timeout=120)
+    assert ours.stdout.split() == ["1"], ours.stderr
+    assert theirs.stdout.split() == ["2"], theirs.stderr

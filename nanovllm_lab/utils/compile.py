@@ -8,6 +8,7 @@ gain for the tiny model; the model runner switches it per process.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, TypeVar
 
 import torch
@@ -19,6 +20,14 @@ _ENABLED = False
 def set_compile(enabled: bool) -> None:
     global _ENABLED
     _ENABLED = enabled
+    if enabled and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # Compile in this process, without inductor's pool of compile workers. On 2 x H200 (torch 2.11) a lab
+        # sweep at tp=2 finished, printed its table and then did not exit for minutes: the pool's shutdown at
+        # interpreter exit waits up to 300 s for its sidecar (pytorch issues 162199, 125235; the workaround
+        # there is this setting). Each TP worker pays the same wait when its engine exits. The compiled regions
+        # are a handful of small elementwise kernels, so compiling them serially costs seconds.
+        import torch._inductor.config as inductor_config
+        inductor_config.compile_threads = 1
 
 
 def compilable(fn: F) -> F:
