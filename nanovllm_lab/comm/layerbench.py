@@ -36,7 +36,8 @@ from nanovllm_lab.distributed.parallel import SAFE_ENV
 
 ROW_KEYS = ("arch", "tp", "phase", "tokens", "seqs", "unit", "strategy", "params", "t_ms", "t_p10_ms", "t_p90_ms",
             "t_blocking_ms", "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency", "comm_calls",
-            "stack", "cuda_graph", "device", "card", "error", "compute_kernel_ms", "compute_interference")
+            "stack", "cuda_graph", "device", "card", "error", "compute_kernel_ms", "compute_interference",
+            "torch_compile")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class _Job:
     dtype: str | None
     prefill_graph: bool = True  # replay prefill from CUDA graphs too (eager timing adds launch cost: LOG.md)
     interference: bool = True  # profile each strategy's layer kernels on cuda (comm/interference.py)
+    # The engine's torch.compile of RMSNorm/RoPE/SiLU-mul (None: on for cuda, as Config). The first sweeps ran
+    # these eager while the engine compiles them: rsag's halved norm work then looked like a prefill win (0.63
+    # at 8192 tokens) that the compiled engine did not show (results/LOG.md, session 4).
+    torch_compile: bool | None = None
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -160,12 +165,15 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
     from nanovllm_lab.layers.linear import RowParallelLinear
     from nanovllm_lab.models.arch import load_arch
     from nanovllm_lab.models.qwen3 import Qwen3DecoderLayer
+    from nanovllm_lab.utils.compile import set_compile
     from nanovllm_lab.utils.context import reset_context, set_context
     try:
         if job.device == "cpu":  # one share of the cores per rank: oversubscribed OpenMP threads spin for ms
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tp))
         info = init_distributed(rank, job.tp, job.device, init_file)
         dev, world = torch.device(info.device), info.world_size
+        compiled = dev.type == "cuda" if job.torch_compile is None else job.torch_compile
+        set_compile(compiled)
         arch = load_arch(job.arch)
         dtype = getattr(torch, job.dtype or (arch.torch_dtype if dev.type == "cuda" else "float32"))
         torch.manual_seed(1234 + rank)
@@ -264,7 +272,8 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
                             "t_comm_ms": tc, "exposed_comm_ms": tm - tn, "overlap_efficiency": efficiency(tm, tb, tn),
                             "comm_calls": calls // scale, "stack": job.stack, "cuda_graph": graph,
                             "device": dev.type, "card": card, "error": errors.get(label, ""),
-                            "compute_kernel_ms": ck, "compute_interference": ck / cn if cn > 0 else math.nan})
+                            "compute_kernel_ms": ck, "compute_interference": ck / cn if cn > 0 else math.nan,
+                            "torch_compile": compiled})
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
         for s in strategies.values():
@@ -287,13 +296,13 @@ def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], ph
                 repeats: int = 20, device: str = "auto", *, warmup: int = 3, prefill_seqs: int = 4,
                 decode_context: int = 512, block_size: int = 256, stack: int = 1, cuda_graph: bool = True,
                 dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = True,
-                interference: bool = True) -> list[dict]:
+                interference: bool = True, torch_compile: bool | None = None) -> list[dict]:
     """Rows (ROW_KEYS) per unit ("layer", "row_linear") x phase x tokens x strategy; see the module doc.
     `strategies` holds names or specs ({"name": "chunked", "chunks": 2}); an unavailable one (symm on
     gloo) gives rows with NaN times and the reason in `error`."""
     job = _Job(arch_name, int(tp), tuple(strategies), tuple(int(t) for t in tokens), tuple(phases), int(repeats),
                _resolve_device(device), warmup, prefill_seqs, decode_context, block_size, stack, cuda_graph, dtype,
-               prefill_graph, interference)
+               prefill_graph, interference, torch_compile)
     if job.repeats < 1 or not job.tokens or min(job.tokens) < 1:
         raise ValueError("layer_sweep needs repeats >= 1 and token counts >= 1")
     for spec in job.strategies:
