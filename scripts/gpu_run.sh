@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
-#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps] [scaling]
+#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
+#                                                         [trace] [scaling]      (MODEL=qwen3-32b for the tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
@@ -22,7 +23,14 @@ stages=${*:-tests bench kernels layer steps}
 } > "$O/env.txt" 2>&1
 cat "$O/env.txt"
 ngpu=$(nvidia-smi -L | wc -l)
-lab() { timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false 2>&1 | tail -n 40; }
+# HANG_DUMP_S=N: every Python process dumps its stacks to its stderr every N s (scripts/hang_dump), so a stage
+# that stalls inside its box leaves evidence of where.
+[ -n "${HANG_DUMP_S:-}" ] && export PYTHONPATH=$PYTHONPATH:$PWD/scripts/hang_dump
+M=${MODEL:-qwen3-8b}   # the model of the tp>1 stages (qwen3-32b fits 2 x H200 too)
+lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
+  local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
+    > "$O/$stage.log" 2>&1; local rc=$?
+  tail -n 30 "$O/$stage.log"; echo "$stage: rc=$rc after $((SECONDS - t0)) s (124: the box)" | tee -a "$O/$stage.log"; }
 for stage in $stages; do
   echo "== $stage"
   case $stage in
@@ -36,12 +44,18 @@ for stage in $stages; do
              done ;;
     bench)   # One GPU: issue 3's headline (qwen3-0.6b), overlapped decode off/on. Two or more: issue 4's (qwen3-8b,
              # tp=2) for blocking, overlap and none, whose report gives overlap efficiency end to end.
-             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=qwen3-8b tp=2 +strategy=blocking,overlap,none
+             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=2 +strategy=blocking,overlap,none
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
-    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=qwen3-8b tp=2 \
+    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=2 \
                +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag ;;
+    decode|prefill)  # the two halves of `steps`, each fits one device call
+             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=2 \
+               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag ;;
+    trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
+             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=2 trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
+               +strategy=blocking,overlap,none ;;
     scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
     *) echo "unknown stage $stage" ;;
   esac
