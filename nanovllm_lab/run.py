@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nanovllm_lab.lab import schemas  # noqa: F401  (registers the config schemas before Hydra composes)
-from nanovllm_lab.lab import runner
+from nanovllm_lab.lab import exit_guard, runner
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -28,8 +28,9 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     _app()
-    if runner.LAST_SWEEP.failed and not runner.LAST_SWEEP.ok:
-        sys.exit(1)
+    code = 1 if runner.LAST_SWEEP.failed and not runner.LAST_SWEEP.ok else 0
+    exit_guard.arm_exit_deadline(code)  # results are on disk: interpreter shutdown gets a bounded time
+    sys.exit(code)
 
 
 if __name__ == "__main__":
