@@ -89,6 +89,14 @@ def test_bf16_cudagraph_close_to_blocking(key):
     assert same >= len(ref["tokens"]) - 2, (got["tokens"], ref["tokens"])
 
 
+def test_symm_engines_one_after_another_in_one_process():
+    """Rank 0 outlives its engines while each engine's workers are new processes: the second symm engine of a
+    process used to wait forever at rendezvous (torch's per-process exchange counter; comm/symm.py)."""
+    ref = reference("float32", True)
+    for _ in range(2):
+        assert run_scenario(STRATEGIES["symm"], "float32", True)["tokens"] == ref["tokens"]
+
+
 # -- symmetric memory against NCCL ---------------------------------------------------------------------
 def _symm_worker(rank: int, init_file: str, q) -> None:
     try:
