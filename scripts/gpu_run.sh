@@ -49,13 +49,13 @@ for stage in $stages; do
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=2 \
-               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag ;;
+               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
              [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=2 \
-               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag ;;
+               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=2 trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
-               +strategy=blocking,overlap,none ;;
+               +strategy=blocking,overlap,none,symm_norm ;;
     scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
     *) echo "unknown stage $stage" ;;
   esac

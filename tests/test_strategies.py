@@ -154,12 +154,48 @@ def test_symm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="symm", **ENGINE)
 
 
+def test_symm_norm_on_cpu_tp2_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'symm_norm' needs CUDA GPUs with peer access.*gloo on cpu"):
+        LLM("tiny", strategy="symm_norm", **ENGINE)
+
+
+@pytest.mark.parametrize("max_tokens", [2048, 16], ids=["every_step", "decode_only"])
+def test_symm_norm_fused_loop_matches_blocking(max_tokens):
+    """The fused loop (GEMMs into alternating buffers, reduce + add + norm in one call; `local` runs it at tp=1
+    with PyTorch's add + norm) gives blocking's tokens and logits. With max_tokens=16 the prefill steps (up to
+    96 tokens) take the blocking loop and decode steps the fused one, in one engine."""
+    ref = run_scenario("blocking", tp=1)
+    llm_calls, slots = [], []
+    from nanovllm_lab.comm import symm_norm
+    orig = symm_norm.SymmNormStrategy._reduce
+
+    def counting(self, n, residual, norm):
+        llm_calls.append(n)
+        slots.append(self._slot)
+        return orig(self, n, residual, norm)
+
+    symm_norm.SymmNormStrategy._reduce = counting
+    try:
+        got = run_scenario({"name": "symm_norm", "local": True, "max_tokens": max_tokens}, tp=1)
+    finally:
+        symm_norm.SymmNormStrategy._reduce = orig
+    # The two buffers alternate, across steps too (the cross-rank safety argument in comm/symm_norm.py).
+    assert slots == [i % 2 for i in range(len(slots))]
+    assert got["tokens"] == ref["tokens"]
+    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
+    assert llm_calls, "the fused loop never ran"
+    assert max(llm_calls) <= max_tokens and (max_tokens > 16 or min(llm_calls) >= 1)
+    if max_tokens == 16:
+        assert max(llm_calls) < 96  # the long prefill steps went to the blocking loop
+
+
 def test_every_strategy_runs_at_tp1():
     """At tp=1 there is nothing to reduce: every strategy (symm too) behaves like blocking."""
     kw = {**ENGINE, "tensor_parallel_size": 1}
     results = {}
     for s in ["blocking", "symm", {"name": "async", "min_tokens": 1}, {"name": "chunked", "min_tokens_per_chunk": 1},
-              "overlap"]:
+              "overlap", "symm_norm"]:
         with LLM("tiny", strategy=s, **kw) as llm:
             results[str(s)] = [o["token_ids"] for o in llm.generate(BATCH_A[:3], GREEDY, use_tqdm=False)]
     assert all(r == results["blocking"] for r in results.values()), results
@@ -179,6 +215,7 @@ def test_unknown_strategy_lists_the_valid_names():
     ({"name": "async", "micro_batches": -1}, ValueError, "micro_batches"),
     ({"name": "async", "split": "rows"}, ValueError, "split"),
     ({"name": "symm", "one_shot_max_bytes": -5}, ValueError, "one_shot_max_bytes"),
+    ({"name": "symm_norm", "max_tokens": 0}, ValueError, "max_tokens"),
     ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
     ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),
 ])

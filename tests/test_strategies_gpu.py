@@ -39,6 +39,8 @@ STRATEGIES = {
     "async_rsag": {"name": "async_rsag", "min_tokens": 1},
     "symm-two-shot": {"name": "symm", "one_shot_max_bytes": 0},
     "overlap": {"name": "overlap"},
+    "symm_norm": {"name": "symm_norm"},
+    "symm_norm-decode": {"name": "symm_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
 }
 
 
@@ -79,7 +81,7 @@ def test_float32_matches_blocking(key, eager):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
 
 
-@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap"])
+@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
     assert got["tokens"][0][0] == ref["tokens"][0][0]
@@ -93,8 +95,8 @@ def test_symm_engines_one_after_another_in_one_process():
     """Rank 0 outlives its engines while each engine's workers are new processes: the second symm engine of a
     process used to wait forever at rendezvous (torch's per-process exchange counter; comm/symm.py)."""
     ref = reference("float32", True)
-    for _ in range(2):
-        assert run_scenario(STRATEGIES["symm"], "float32", True)["tokens"] == ref["tokens"]
+    for key in ("symm", "symm", "symm_norm"):
+        assert run_scenario(STRATEGIES[key], "float32", True)["tokens"] == ref["tokens"], key
 
 
 # -- symmetric memory against NCCL ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Triton attention kernels vs the plain-PyTorch reference backend, on CPU under the Triton interpreter.
+"""Triton kernels vs their plain-PyTorch references, on CPU under the Triton interpreter: attention (the
+torch backend) and the fused all-reduce + add + RMSNorm (comm.symm_norm's reference).
 
 TRITON_INTERPRET must be set before triton (or any kernel module) is imported, because `@triton.jit`
 decides at decoration time whether a kernel is compiled or interpreted. Shapes are small: the interpreter
@@ -17,7 +18,9 @@ triton = pytest.importorskip("triton")
 
 from nanovllm_lab.attention.torch_backend import TorchAttentionBackend, store_kvcache_torch  # noqa: E402
 from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from nanovllm_lab.comm.symm_norm import sum_add_norm_reference  # noqa: E402
 from nanovllm_lab.kernels import store_kv as _store_mod  # noqa: E402
+from nanovllm_lab.kernels.allreduce_norm import sum_add_norm  # noqa: E402
 from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from nanovllm_lab.kernels.store_kv import store_kvcache  # noqa: E402
 from nanovllm_lab.utils.context import AttentionContext  # noqa: E402
@@ -216,3 +219,31 @@ def test_prefill_with_cached_context(dtype, block_size, group, q_lens, k_lens):
     out = TRI.prefill(q, k, v, kc, vc, ctx, scale)
     ref = REF.prefill(q.float(), k.float(), v.float(), kc.float(), vc.float(), ctx, scale)
     _check(out, ref, dtype)
+
+
+# -- fused all-reduce + residual add + RMSNorm ------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world, n, hidden", [(1, 1, 64), (2, 5, 80), (3, 2, 64), (8, 3, 48)])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
+def test_sum_add_norm_matches_the_unfused_path(dtype, world, n, hidden, norm):
+    g = _gen(world * 100 + n)
+    bufs = [_randn((n, hidden), dtype, g) for _ in range(world)]
+    residual = _randn((n, hidden), dtype, g)
+    weight = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype) if norm else None
+    out, res = sum_add_norm(bufs, residual, weight, 1e-6)
+    ref_out, ref_res = sum_add_norm_reference(bufs, residual, weight, 1e-6)
+    _check(out, ref_out, dtype)
+    if norm:
+        # bf16 within tolerance only: the interpreter truncates float32 -> bf16 even when asked to round to
+        # nearest even (3.04 -> 3.03125; torch and the GPU give 3.046875)
+        _check(res, ref_res, dtype)
+    else:
+        assert res is residual
+
+
+def test_sum_add_norm_rejects_mismatched_buffers():
+    a = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        sum_add_norm([a, torch.zeros(3, 8)], a, None, 1e-6)
+    with pytest.raises(ValueError, match="1 to 8 buffers"):
+        sum_add_norm([a] * 9, a, None, 1e-6)

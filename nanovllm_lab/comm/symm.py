@@ -54,25 +54,25 @@ class SymmConfig(StrategyConfig):
                 raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 0, got {v!r}")
 
 
-def unavailable_reason(info: ParallelInfo) -> str | None:
+def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
     """Why symmetric-memory reductions cannot run in this process group (None: they can)."""
     if info.world_size == 1:
         return None
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "no process group"
     if not info.device.startswith("cuda") or backend != "nccl":
-        return (f"strategy 'symm' needs CUDA GPUs with peer access (NCCL backend); this run uses {backend} "
+        return (f"strategy '{name}' needs CUDA GPUs with peer access (NCCL backend); this run uses {backend} "
                 f"on {info.device.split(':')[0]}")
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError as e:
-        return f"strategy 'symm' needs torch.distributed._symmetric_memory, which this torch lacks ({e})"
-    for name in ("one_shot_all_reduce", "two_shot_all_reduce_"):
-        if not hasattr(torch.ops.symm_mem, name):
-            return f"strategy 'symm' needs torch.ops.symm_mem.{name}, which this torch {torch.__version__} lacks"
+        return f"strategy '{name}' needs torch.distributed._symmetric_memory, which this torch lacks ({e})"
+    for op in ("one_shot_all_reduce", "two_shot_all_reduce_"):
+        if not hasattr(torch.ops.symm_mem, op):
+            return f"strategy '{name}' needs torch.ops.symm_mem.{op}, which this torch {torch.__version__} lacks"
     me = torch.device(info.device).index or 0
     for peer in range(info.world_size):  # rank r drives cuda:r (distributed/parallel.py)
         if peer != me and not torch.cuda.can_device_access_peer(me, peer):
-            return f"strategy 'symm' needs peer access between GPUs, but cuda:{me} cannot access cuda:{peer}"
+            return f"strategy '{name}' needs peer access between GPUs, but cuda:{me} cannot access cuda:{peer}"
     return None
 
 
@@ -88,11 +88,33 @@ def _has_op(name: str) -> bool:
         return False
 
 
-def _rendezvous(tensor: torch.Tensor, group_name: str) -> None:
+def _rendezvous(tensor: torch.Tensor, group_name: str):
+    """symm_mem.rendezvous, counted (see `_rendezvous_done`); returns the handle."""
     global _rendezvous_done
     import torch.distributed._symmetric_memory as symm_mem
-    symm_mem.rendezvous(tensor, group_name)
+    handle = symm_mem.rendezvous(tensor, group_name)
     _rendezvous_done += 1
+    return handle
+
+
+def rendezvous_buffer(numel: int, dtype: torch.dtype, device: torch.device):
+    """A symmetric buffer over the default group, exchanged with every rank: (local tensor, handle).
+    Collective: every rank asks for the same size."""
+    import torch.distributed._symmetric_memory as symm_mem
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # belt and braces: never set up multicast
+    group = dist.group.WORLD
+    # Before torch 2.11 a group had to be registered first (pytorch PR 172163 deprecated that: rendezvous now
+    # resolves the group and its store by name). Registering it anyway pins the group's *store* under its
+    # name for the life of the process: the next engine in the same process (a sweep's next job) reuses
+    # the name "0" for a new group and would rendezvous through the dead store of the old one. `forget_group`
+    # drops the registration at close.
+    if _torch_before(2, 11) and hasattr(symm_mem, "enable_symm_mem_for_group"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+    buf = symm_mem.empty(numel, dtype=dtype, device=device)
+    _align_store_exchange(group, device)
+    return buf, _rendezvous(buf, group.group_name)
 
 
 def _align_store_exchange(group, device) -> None:
@@ -110,6 +132,16 @@ def _align_store_exchange(group, device) -> None:
     log.info("strategy 'symm': aligning symmetric-memory exchange counters %s", counts)
     for _ in range(max(counts) - _rendezvous_done):
         _rendezvous(symm_mem.empty(1, dtype=torch.float32, device=device), me.group_name)
+
+
+def forget_group(group_name: str) -> None:
+    """Drop a group's registration under its name (see `rendezvous_buffer`)."""
+    if group_name:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+            getattr(symm_mem, "_group_name_to_store", {}).pop(group_name, None)
+        except ImportError:
+            pass
 
 
 @register_strategy("symm", SymmConfig)
@@ -130,24 +162,10 @@ class SymmStrategy(CommStrategy):
         if dtype not in _SUPPORTED_DTYPES:
             log.warning("strategy 'symm': symm_mem kernels support float32/bfloat16, not %s; using NCCL", dtype)
             return
-        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # belt and braces: never set up multicast
-        import torch.distributed._symmetric_memory as symm_mem
-        group = dist.group.WORLD
-        self.group_name = group.group_name
-        # Before torch 2.11 a group had to be registered first (pytorch PR 172163 deprecated that: rendezvous now
-        # resolves the group and its store by name). Registering it anyway pins the group's *store* under its
-        # name for the life of the process: the next engine in the same process (a sweep's next job) reuses
-        # the name "0" for a new group and would rendezvous through the dead store of the old one (the
-        # suspected cause of a hang seen on 2 x H200, torch 2.11).
-        if _torch_before(2, 11) and hasattr(symm_mem, "enable_symm_mem_for_group"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                symm_mem.enable_symm_mem_for_group(self.group_name)
+        self.group_name = dist.group.WORLD.group_name
         capacity = self.cfg.max_tokens or max_tokens
         self.hidden_size = hidden_size
-        self.buffer = symm_mem.empty(capacity * hidden_size, dtype=dtype, device=self.device)
-        _align_store_exchange(group, self.device)
-        _rendezvous(self.buffer, self.group_name)  # collective: every rank allocates the same size
+        self.buffer, _ = rendezvous_buffer(capacity * hidden_size, dtype, self.device)
         self._one_shot_out = _has_op("one_shot_all_reduce_out")
         self._two_shot_out = _has_op("two_shot_all_reduce_out") and self.world_size in (2, 4, 8)
         log.info("strategy 'symm': %.1f MiB symmetric buffer (%d tokens), one-shot up to %d bytes",
@@ -192,10 +210,5 @@ class SymmStrategy(CommStrategy):
 
     def close(self) -> None:
         self.buffer = None
-        if self.group_name:  # forget any registration under this name (see prepare)
-            try:
-                import torch.distributed._symmetric_memory as symm_mem
-                getattr(symm_mem, "_group_name_to_store", {}).pop(self.group_name, None)
-            except ImportError:
-                pass
+        forget_group(self.group_name)
 
