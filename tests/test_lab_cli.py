@@ -67,3 +67,100 @@ def test_exit_deadline_ends_a_stalled_shutdown(tmp_path):
     assert "still shutting down 2 s after its results were written" in proc.stderr
     assert time.monotonic() - t0 < 200  # not the 300 s sleep
     assert json.loads((run_dir / "summary.json").read_text())["valid_outputs"] is True
+
+
+def test_sweep_one_dir_per_job_and_failure_survives(sweep_dir):
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_blocking_tp1", "1_blocking_tp2", "2_none_tp1", "3_none_tp2", "4_overlap_tp1", "5_overlap_tp2",
+                    "6_symm_tp1", "7_symm_tp2"]
+    failed = sweep_dir / "7_symm_tp2"
+    assert not (failed / "summary.json").exists()
+    err = json.loads((failed / "error.json").read_text())
+    assert err["status"] == "error" and err["strategy"] == "symm" and err["tp"] == 2
+    assert "CUDA" in err["message"] and "Traceback" in err["traceback"]
+    for job in jobs[:-1]:
+        assert (sweep_dir / job / "summary.json").is_file(), job
+    summaries = results.load_summaries(sweep_dir)
+    assert (summaries["status"] == "ok").sum() == 7
+    none = summaries[summaries["strategy"] == "none"]
+    assert not none["valid_outputs"].any() and summaries[summaries["strategy"] == "blocking"]["valid_outputs"].all()
+    assert set(summaries[summaries["status"] == "ok"]["sweep"]) == {sweep_dir.name}
+
+
+def test_results_schema(sweep_dir):
+    run = sweep_dir / "3_none_tp2"
+    steps = check_table(run / "steps.parquet", results.STEP_SCHEMA)
+    assert set(steps["phase"]) == {"prefill", "decode"} and (steps["latency_ms"] > 0).all()
+    assert set(steps["strategy"]) == {"none"} and set(steps["tp"]) == {2} and steps["warmup"].any()
+    reqs = check_table(run / "requests.parquet", results.REQUEST_SCHEMA)
+    assert len(reqs) == 2 and (reqs["ttft_ms"] > 0).all() and (reqs["e2e_ms"] >= reqs["ttft_ms"]).all()
+    summary = json.loads((run / "summary.json").read_text())
+    types = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list": list,
+             "None": type(None)}
+    for key, kind in results.SUMMARY_SCHEMA.items():
+        assert isinstance(summary[key], tuple(types[k] for k in kind.split("|"))), (key, summary[key])
+    for key in ("decode_latency_ms_p50", "decode_latency_ms_p10", "decode_latency_ms_p90", "ttft_ms_p50", "tpot_ms_p50",
+                "output_tok_s"):
+        assert isinstance(summary[key], float), key
+    assert summary["valid_outputs"] is False and summary["strategy"] == "none"
+    env = json.loads((run / "env.json").read_text())
+    assert ENV_KEYS <= set(env)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["tp"] == 2 and config["strategy"] == {"name": "none"} and config["workload"]["num_seqs"] == 2
+
+
+def test_multirun_exits_1_only_when_every_job_fails(tmp_path):
+    proc = run_cli(["-m", "tp=3,5", f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path)
+    assert proc.returncode == 1
+    for job in ("0_blocking_tp3", "1_blocking_tp5"):
+        assert json.loads((tmp_path / "s" / job / "error.json").read_text())["error_type"] == "LabConfigError"
+    assert "0 ok, 2 failed" in proc.stdout
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["+strategy=bogus"], 1, "Available options in 'strategy'"),
+    (["tp=0"], 2, "error: tp must be an integer >= 1, got 0"),
+    (["model.name=qwen9"], 2, "unknown model 'qwen9'; valid: tiny"),
+])
+def test_bad_overrides_on_the_command_line(tmp_path, args, code, needle):
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode == code
+    assert needle in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_report_cli(sweep_dir, tmp_path):
+    out = tmp_path / "report.html"
+    proc = run_cli([str(sweep_dir), "--out", str(out)], cwd=tmp_path, module="nanovllm_lab.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "overlap" in text and "7_symm_tp2" in text and "<img" in text
+    assert (tmp_path / "report_files" / "speedup_vs_blocking.png").stat().st_size > 1000
+
+
+def test_report_markdown_in_process(sweep_dir, tmp_path):
+    from nanovllm_lab.lab.compare import build_report, write_report
+    rep = build_report(sweep_dir)
+    assert len(rep.runs) == 7 and len(rep.failed) == 1
+    blocking = rep.runs[rep.runs["strategy"] == "blocking"]
+    assert (blocking["speedup_vs_blocking"] == 1.0).all()
+    md = write_report(rep, tmp_path / "r.md").read_text()
+    assert "| run |" in md and "![latency_vs_tokens](r_files/latency_vs_tokens.png)" in md
+    assert "## Failed runs" in md
+    with pytest.raises(ValueError, match=".md or .html"):
+        write_report(rep, tmp_path / "r.pdf")
+
+
+def test_tiny_overrides_cover_every_workload():
+    from nanovllm_lab.lab.workloads import WORKLOADS
+    assert set(TINY_WORKLOAD) == set(WORKLOADS.names())
+
+
+def test_report_with_layer_rows(results_root, tmp_path):
+    if not (results_root / "layer" / "layer.parquet").exists():
+        pytest.skip("no layer benchmark in this checkout")
+    from nanovllm_lab.lab.compare import build_report, write_report
+    rep = build_report(results_root)
+    assert len(rep.runs) == 8 and not rep.layer.empty and "layer_overlap" in rep.figures
+    assert {"overlap_efficiency[chunked]", "exposed_comm_ms[chunked]"} <= set(rep.layer.columns)
+    assert "## Layer sweep" in write_report(rep, tmp_path / "r.md").read_text()

@@ -3,7 +3,7 @@ import math
 
 import pandas as pd
 
-from nanovllm_lab.lab.compare import comparison_table
+from nanovllm_lab.lab.compare import comparison_table, step_table
 from nanovllm_lab.lab.console import sweep_frame
 
 
@@ -27,3 +27,27 @@ def test_overlap_efficiency_and_exposed_share_against_none():
 def test_sweep_console_shows_the_efficiency():
     df = sweep_frame(_runs()).set_index("run")
     assert math.isclose(df.loc["c", "overlap_efficiency"], (0.01 - 1 / 110) / 0.002)
+
+
+def test_step_table_per_size_against_blocking_and_none():
+    """Decode workload steps: warm-up and the KV-filling prefill steps are left out; T is the median step."""
+    rows = []
+    for strategy, lat in (("blocking", {8: 10.0, 128: 20.0}), ("none", {8: 8.0, 128: 16.0}),
+                          ("overlap", {8: 9.0, 128: 19.0})):
+        for size, t in lat.items():
+            rows += [dict(workload="decode", model="m", tp=2, strategy=strategy, phase="decode", num_tokens=size,
+                          latency_ms=t + d, warmup=False) for d in (-0.1, 0.0, 0.1)]
+            rows.append(dict(workload="decode", model="m", tp=2, strategy=strategy, phase="decode",
+                             num_tokens=size, latency_ms=99.0, warmup=True))  # a warm-up step: left out
+        rows.append(dict(workload="decode", model="m", tp=2, strategy=strategy, phase="prefill", num_tokens=512,
+                         latency_ms=50.0, warmup=False))  # filling the KV cache: not a decode step
+    rows.append(dict(workload="bench", model="m", tp=2, strategy="blocking", phase="decode", num_tokens=8,
+                     latency_ms=1.0, warmup=False))  # bench steps are not a step sweep
+    t = step_table(pd.DataFrame(rows)).set_index(["num_tokens", "strategy"])
+    assert sorted(set(t.index.get_level_values(0))) == [8, 128]
+    assert t.loc[(8, "overlap"), "t_ms"] == 9.0 and t.loc[(8, "overlap"), "steps"] == 3
+    assert math.isclose(t.loc[(8, "overlap"), "overlap_efficiency"], 0.5)   # (10 - 9) / (10 - 8)
+    assert math.isclose(t.loc[(128, "overlap"), "overlap_efficiency"], 0.25)  # (20 - 19) / (20 - 16)
+    assert math.isclose(t.loc[(128, "overlap"), "exposed_comm_ms"], 3.0)
+    assert t.loc[(8, "blocking"), "overlap_efficiency"] == 0.0
+    assert math.isnan(t.loc[(8, "none"), "overlap_efficiency"])

@@ -2,8 +2,11 @@
 
 Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
 and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
-exposed communication (share of the run's time) follow the research guide's definitions. Layer rows (the layer workload) add exposed communication and
-overlap efficiency per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
+exposed communication (share of the run's time) follow the research guide's definitions. The step table does the
+same per step size for the `decode` and `prefill` workloads: median step latency per strategy (warm-up steps
+left out), and overlap efficiency and exposed communication against the blocking and none runs of the same
+workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
+per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Report:
     runs: pd.DataFrame                       # one row per successful run, with speedup_vs_blocking
     failed: pd.DataFrame                     # one row per failed run
     layer: pd.DataFrame                      # layer rows, pivoted per strategy
+    steps: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode/prefill step latencies per size
     figures: dict[str, Figure] = field(default_factory=dict)
     uses_wandb: bool = False
 
@@ -69,6 +73,37 @@ def failed_table(summaries: pd.DataFrame) -> pd.DataFrame:
     return bad[[c for c in ("run", "workload", "model", "tp", "strategy", "error_type", "message") if c in bad]]
 
 
+STEP_WORKLOADS = ("decode", "prefill")
+
+
+def step_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per (workload, model, tp, phase, tokens) of the decode/prefill workloads: each strategy's median step
+    latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
+    (T = the step's median latency)."""
+    need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
+    if steps.empty or not need <= set(steps.columns):
+        return pd.DataFrame()
+    s = steps[steps["workload"].isin(STEP_WORKLOADS)]
+    s = s[s["phase"] == s["workload"]]  # the decode workload's prefill steps only fill the KV cache
+    if "warmup" in s:
+        s = s[~s["warmup"].astype(bool)]
+    if s.empty:
+        return pd.DataFrame()
+    keys = ["workload", "model", "tp", "phase", "num_tokens"]
+    g = s.groupby([*keys, "strategy"])["latency_ms"]
+    stats = pd.DataFrame({"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9),
+                          "steps": g.size()}).reset_index()
+    ref = stats.pivot_table(index=keys, columns="strategy", values="t_ms")
+    for name in ("blocking", "none"):
+        col = ref[name] if name in ref else pd.Series(math.nan, index=ref.index)
+        stats = stats.merge(col.rename(f"t_{name}_ms").reset_index(), on=keys, how="left")
+    penalty = (stats["t_blocking_ms"] - stats["t_none_ms"]).where(lambda d: d.abs() > 0)
+    real = stats["strategy"] != "none"
+    stats["overlap_efficiency"] = ((stats["t_blocking_ms"] - stats["t_ms"]) / penalty).where(real)
+    stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
+    return stats.sort_values([*keys, "strategy"], kind="stable").reset_index(drop=True)
+
+
 def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency and
     (where profiled, on cuda) compute interference."""
@@ -88,7 +123,7 @@ def build_report(root: str | Path) -> Report:
     steps, layer = results.load_steps(root), results.load_layer(root)
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+                 steps=step_table(steps), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
                       ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
                       ("layer_overlap", plots.layer_overlap(layer))):
@@ -125,7 +160,8 @@ def write_report(rep: Report, out: str | Path) -> Path:
         path = assets / f"{name}.png"
         results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         images[name] = f"{assets.name}/{path.name}"
-    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("Layer sweep", rep.layer)]
+    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("Step latencies", rep.steps),
+                ("Layer sweep", rep.layer)]
     if out.suffix == ".md":
         parts = [f"# nanovllm_lab report: {rep.root}\n"]
         for title, df in sections:
@@ -155,6 +191,8 @@ def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = 
     payload: dict[str, Any] = {"runs": wandb.Table(dataframe=rep.runs.astype(object).where(rep.runs.notna(), None))}
     if not rep.layer.empty:
         payload["layer"] = wandb.Table(dataframe=rep.layer)
+    if not rep.steps.empty:
+        payload["steps"] = wandb.Table(dataframe=rep.steps.astype(object).where(rep.steps.notna(), None))
     payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})
     run.log(payload)
     run.finish()
