@@ -3,10 +3,13 @@
     python -m nanovllm_lab.report results/sweeps/2026-11-28_10-00-00_sweep            # -> <dir>/report.md
     python -m nanovllm_lab.report results/ --out report.html
     python -m nanovllm_lab.report results/sweeps/... --wandb                          # also a wandb run
+    python -m nanovllm_lab.report results/sweeps/<decode+prefill sweep> --write-table my_table.json
 
 The report holds one row per run (throughput, speedup over blocking, step-latency and TTFT/TPOT medians),
-the failed runs, the layer rows pivoted per strategy, and PNG figures. It is logged to wandb (offline) with
---wandb, or when the runs themselves were logged with logger=wandb.
+the failed runs, the step latencies of decode/prefill sweeps and the layer rows per strategy, and PNG figures.
+It is logged to wandb (offline) with --wandb, or when the runs themselves were logged with logger=wandb.
+--write-table turns the step latencies into an `overlap` table entry per model, tp and card (use it with
+`+strategy=overlap strategy.table=...`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="report.md or report.html (default: <root>/report.md)")
     ap.add_argument("--wandb", action="store_true", help="log the report to wandb even if the runs did not")
     ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    ap.add_argument("--write-table", type=Path, default=None,
+                    help="write (or update) an overlap table from the decode/prefill step latencies")
+    ap.add_argument("--card", default=None, help="the card the table entry is for (default: the runs' GPU)")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
@@ -40,9 +46,33 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rep.runs, f"{len(rep.runs)} runs under {args.root}")
     if not rep.failed.empty:
         print_table(rep.failed, f"{len(rep.failed)} failed")
+    if args.write_table is not None:
+        code = _write_table(rep, args.root, args.write_table, args.card)
+        if code:
+            return code
     if args.wandb or rep.uses_wandb:
         log_report_to_wandb(rep, mode=args.wandb_mode)
     print(f"report: {out}")
+    return 0
+
+
+def _write_table(rep, root: Path, path: Path, card: str | None) -> int:
+    from nanovllm_lab.comm.overlap import write_table
+    from nanovllm_lab.lab.compare import overlap_rows_from_steps
+    from nanovllm_lab.lab.results import find_run_dirs, read_json
+    if rep.steps.empty or not (rep.steps["strategy"] == "blocking").any():
+        print(f"error: --write-table needs decode/prefill step sweeps with a blocking run under {root}",
+              file=sys.stderr)
+        return 1
+    if card is None:  # the card the steps were measured on; cpu runs have none (a '*' entry)
+        cards = {g for d in find_run_dirs(root) if (d / "env.json").exists()
+                 for g in (read_json(d / "env.json").get("gpus") or [])[:1]}
+        if len(cards) > 1:
+            print(f"error: runs from several cards under {root} ({sorted(cards)}); pass --card", file=sys.stderr)
+            return 2
+        card = next(iter(cards), None)
+    write_table(overlap_rows_from_steps(rep.steps), str(path), card=card)
+    print(f"overlap table: {path} (card {card or '*'})")
     return 0
 
 

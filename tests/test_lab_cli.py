@@ -138,6 +138,15 @@ def test_report_cli(sweep_dir, tmp_path):
     assert (tmp_path / "report_files" / "speedup_vs_blocking.png").stat().st_size > 1000
 
 
+def test_report_write_table_needs_step_sweeps(sweep_dir, tmp_path):
+    """The CPU sweep runs the `small` workload only: no decode/prefill steps to tune an overlap table from."""
+    table = tmp_path / "table.json"
+    proc = run_cli([str(sweep_dir), "--out", str(tmp_path / "r.md"), "--write-table", str(table)], cwd=tmp_path,
+                   module="nanovllm_lab.report")
+    assert proc.returncode == 1 and "needs decode/prefill step sweeps" in proc.stderr, proc.stderr[-2000:]
+    assert not table.exists()
+
+
 def test_report_markdown_in_process(sweep_dir, tmp_path):
     from nanovllm_lab.lab.compare import build_report, write_report
     rep = build_report(sweep_dir)

@@ -51,3 +51,32 @@ def test_step_table_per_size_against_blocking_and_none():
     assert math.isclose(t.loc[(128, "overlap"), "exposed_comm_ms"], 3.0)
     assert t.loc[(8, "blocking"), "overlap_efficiency"] == 0.0
     assert math.isnan(t.loc[(8, "none"), "overlap_efficiency"])
+
+
+def test_overlap_table_from_step_latencies(tmp_path):
+    """`report --write-table`'s path: decode step latencies -> an overlap table whose rule for each size picks
+    the fastest strategy (with its parameters) and keeps blocking as the fallback."""
+    from nanovllm_lab.comm.overlap import load_table, match_entry
+    from nanovllm_lab.models.arch import load_arch
+    from nanovllm_lab.lab.compare import overlap_rows_from_steps
+    runs = {"r0": ("blocking", {}), "r1": ("none", {}), "r2": ("chunked", {"chunks": 3}),
+            "r3": ("symm", {"one_shot_max_bytes": 1024})}
+    lat = {"blocking": {8: 10.0, 128: 20.0}, "none": {8: 8.0, 128: 16.0}, "chunked": {8: 11.0, 128: 18.0},
+           "symm": {8: 9.0, 128: 21.0}}
+    rows = [dict(run=run, workload="decode", model="qwen3-8b", tp=2, strategy=s, phase="decode", num_tokens=n,
+                 latency_ms=t + d, warmup=False)
+            for run, (s, _) in runs.items() for n, t in lat[s].items() for d in (-0.05, 0.0, 0.05)]
+    summaries = pd.DataFrame([dict(run=r, strategy=s, strategy_params=p) for r, (s, p) in runs.items()])
+    table = step_table(pd.DataFrame(rows), summaries)
+    assert table.set_index(["num_tokens", "strategy"]).loc[(128, "chunked"), "params"] == '{"chunks": 3}'
+    path = tmp_path / "t.json"
+    from nanovllm_lab.comm.overlap import write_table
+    write_table(overlap_rows_from_steps(table), str(path), card="NVIDIA H200")
+    a = load_arch("qwen3-8b")
+    entry = match_entry(load_table(str(path)), 2, "NVIDIA H200", (a.hidden_size, a.intermediate_size))
+    assert entry["model"] == "qwen3-8b"
+    rules = entry["rules"]["decode"]
+    assert [c["strategy"] for c in rules[0]["choices"]] == ["symm", "blocking"]
+    assert rules[0]["choices"][0]["params"] == {"one_shot_max_bytes": 1024}
+    assert [c["strategy"] for c in rules[-1]["choices"]] == ["chunked", "blocking"]
+    assert rules[-1]["choices"][0]["params"] == {"chunks": 3}

@@ -11,6 +11,7 @@ per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -76,10 +77,11 @@ def failed_table(summaries: pd.DataFrame) -> pd.DataFrame:
 STEP_WORKLOADS = ("decode", "prefill")
 
 
-def step_table(steps: pd.DataFrame) -> pd.DataFrame:
+def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (workload, model, tp, phase, tokens) of the decode/prefill workloads: each strategy's median step
     latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
-    (T = the step's median latency)."""
+    (T = the step's median latency). With the runs' summaries, runs of one strategy with different parameters
+    stay apart (`params`, JSON)."""
     need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
     if steps.empty or not need <= set(steps.columns):
         return pd.DataFrame()
@@ -89,11 +91,16 @@ def step_table(steps: pd.DataFrame) -> pd.DataFrame:
         s = s[~s["warmup"].astype(bool)]
     if s.empty:
         return pd.DataFrame()
+    params = {}
+    if summaries is not None and {"run", "strategy_params"} <= set(summaries.columns):
+        params = {r: json.dumps(p if isinstance(p, dict) else {}, sort_keys=True)
+                  for r, p in zip(summaries["run"], summaries["strategy_params"])}
+    s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}")
     keys = ["workload", "model", "tp", "phase", "num_tokens"]
-    g = s.groupby([*keys, "strategy"])["latency_ms"]
+    g = s.groupby([*keys, "strategy", "params"])["latency_ms"]
     stats = pd.DataFrame({"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9),
                           "steps": g.size()}).reset_index()
-    ref = stats.pivot_table(index=keys, columns="strategy", values="t_ms")
+    ref = stats.groupby([*keys, "strategy"])["t_ms"].median().unstack("strategy")
     for name in ("blocking", "none"):
         col = ref[name] if name in ref else pd.Series(math.nan, index=ref.index)
         stats = stats.merge(col.rename(f"t_{name}_ms").reset_index(), on=keys, how="left")
@@ -101,7 +108,15 @@ def step_table(steps: pd.DataFrame) -> pd.DataFrame:
     real = stats["strategy"] != "none"
     stats["overlap_efficiency"] = ((stats["t_blocking_ms"] - stats["t_ms"]) / penalty).where(real)
     stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
-    return stats.sort_values([*keys, "strategy"], kind="stable").reset_index(drop=True)
+    return stats.sort_values([*keys, "strategy", "params"], kind="stable").reset_index(drop=True)
+
+
+def overlap_rows_from_steps(table: pd.DataFrame) -> list[dict]:
+    """`step_table` rows in the form `comm.overlap.write_table` takes: the overlap table tuned from end-to-end
+    steps of the engine (compiled, graphed, real batches) rather than from one layer."""
+    return [{"arch": r.model, "tp": int(r.tp), "phase": r.phase, "tokens": int(r.num_tokens), "unit": "step",
+             "strategy": r.strategy, "params": r.params, "t_ms": r.t_ms, "t_p10_ms": r.t_p10_ms,
+             "t_p90_ms": r.t_p90_ms, "t_blocking_ms": r.t_blocking_ms} for r in table.itertuples(index=False)]
 
 
 def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +138,7 @@ def build_report(root: str | Path) -> Report:
     steps, layer = results.load_steps(root), results.load_layer(root)
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 steps=step_table(steps), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+                 steps=step_table(steps, summaries), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
                       ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
                       ("layer_overlap", plots.layer_overlap(layer))):
