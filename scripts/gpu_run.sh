@@ -3,6 +3,7 @@
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
 #                                                         [trace] [scaling]      (MODEL=qwen3-32b for the tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
+#   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies.
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; each GPU test file TESTS_S,
@@ -38,13 +39,14 @@ for stage in $stages; do
              for f in ${TEST_FILES:-tests/test_triton_gpu.py tests/test_engine_gpu.py tests/test_strategies_gpu.py \
                       tests/test_distributed_gpu.py tests/test_flash_attn_backend.py}; do
                box=${TESTS_S:-150}; [ "$f" = tests/test_strategies_gpu.py ] && box=${TESTS_S:-420}  # 22 tp=2 engines
-               timeout "$box" python3 -m pytest -m gpu -v --tb=short --durations=12 -p no:cacheprovider "$f" \
+               timeout "$box" python3 -m pytest -m gpu -v --tb=short --durations=12 -p no:cacheprovider \
+                 ${TESTS_K:+-k "$TESTS_K"} "$f" \
                  > "$O/tests_$(basename "$f" .py).log" 2>&1
                echo "$f rc=$?"; grep -E "passed|failed|FAILED" "$O/tests_$(basename "$f" .py).log" | tail -n 8
              done ;;
     bench)   # One GPU: issue 3's headline (qwen3-0.6b), overlapped decode off/on. Two or more: issue 4's (qwen3-8b,
              # tp=2) for blocking, overlap and none, whose report gives overlap efficiency end to end.
-             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=2 +strategy=blocking,overlap,none
+             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=2 +strategy=${BENCH_STRATEGIES:-blocking,overlap,none}
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
