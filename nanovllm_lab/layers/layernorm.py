@@ -13,7 +13,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm alone, uncompiled: for callers that put it inside a larger compiled region."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -22,7 +23,7 @@ class RMSNorm(nn.Module):
     @compilable
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return self._norm(x)
+            return self.norm(x)
         # Sum in float32, keep the residual stream in the activation dtype (as transformers does).
         x = (x.float() + residual.float()).to(x.dtype)
-        return self._norm(x), x
+        return self.norm(x), x

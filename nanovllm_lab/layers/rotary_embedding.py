@@ -16,6 +16,10 @@ class RotaryEmbedding(nn.Module):
 
     @compilable
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self.rotate_qk(positions, q, k)
+
+    def rotate_qk(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """The rotation alone, uncompiled: for callers that put it inside a larger compiled region."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)  # [T, 1, D/2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
