@@ -80,3 +80,27 @@ def test_overlap_table_from_step_latencies(tmp_path):
     assert rules[0]["choices"][0]["params"] == {"one_shot_max_bytes": 1024}
     assert [c["strategy"] for c in rules[-1]["choices"]] == ["chunked", "blocking"]
     assert rules[-1]["choices"][0]["params"] == {"chunks": 3}
+
+
+def test_step_summary_console_and_report_figure(tmp_path):
+    """The sweep-end console table (one column per strategy, parameters that differ from the defaults in the
+    label) and the report's step-overlap figure, from a decode sweep's step rows."""
+    from nanovllm_lab.lab import compare
+    from nanovllm_lab.lab.console import step_frame
+    from nanovllm_lab.comm.chunked import ChunkedConfig
+    default = ChunkedConfig()
+    runs = {"r0": ("blocking", {}), "r1": ("none", {}),
+            "r2": ("chunked", {"chunks": 3, "min_tokens_per_chunk": default.min_tokens_per_chunk}),
+            "r3": ("chunked", {"chunks": default.chunks, "min_tokens_per_chunk": default.min_tokens_per_chunk})}
+    lat = {"r0": 10.0, "r1": 8.0, "r2": 9.0, "r3": 9.5}
+    rows = [dict(run=r, workload="decode", model="m", tp=2, strategy=s, phase="decode", num_tokens=8,
+                 latency_ms=lat[r], warmup=False) for r, (s, _) in runs.items()]
+    summaries = pd.DataFrame([dict(run=r, strategy=s, strategy_params=p) for r, (s, p) in runs.items()])
+    table = step_table(pd.DataFrame(rows), summaries)
+    frame = step_frame(table).iloc[0]
+    assert frame["blocking"] == "10.000 (0.00)" and frame["none"] == "8.000"
+    assert frame["chunked[chunks=3]"] == "9.000 (0.50)" and frame["chunked"] == "9.500 (0.25)"
+    # the report draws the per-size efficiency when step rows exist
+    fig = compare.plots.layer_overlap(table[table["strategy"] != "none"].rename(
+        columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step"))
+    assert fig is not None and len(fig.axes) == 2

@@ -139,8 +139,13 @@ def build_report(root: str | Path) -> Report:
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
                  steps=step_table(steps, summaries), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+    step_rows = pd.DataFrame()
+    if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
+        step_rows = rep.steps[rep.steps["strategy"] != "none"].rename(
+            columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step")
     for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
                       ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
+                      ("step_overlap", plots.layer_overlap(step_rows)),
                       ("layer_overlap", plots.layer_overlap(layer))):
         if fig is not None:
             rep.figures[name] = fig

@@ -73,3 +73,40 @@ def print_sweep_summary(summaries: pd.DataFrame, title: str) -> None:
         print(f"{title}: no runs found")
         return
     print_table(sweep_frame(summaries), title)
+
+
+def _label(strategy: str, params_json: str) -> str:
+    """`chunked[chunks=3]` for parameters that differ from the strategy's declared defaults, else the name."""
+    import dataclasses
+    import json
+    from nanovllm_lab.comm import STRATEGIES, resolve_strategy
+    try:
+        resolve_strategy(strategy)  # loads the built-in strategies
+        fields = dataclasses.fields(STRATEGIES.get(strategy)[0])
+    except (ValueError, TypeError, KeyError):
+        fields = ()
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    # JSON turns tuples into lists: compare sequences as lists
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    diff = {k: v for k, v in json.loads(params_json or "{}").items()
+            if k not in defaults or norm(defaults[k]) != norm(v)}
+    return strategy + ("[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]" if diff else "")
+
+
+def step_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """`compare.step_table` as one row per (workload, model, tp, size) and one column per strategy (with its
+    non-default parameters): "median ms (overlap efficiency)", the per-size answer to how much of the
+    communication a strategy hides."""
+    if table.empty:
+        return table
+    t = table.assign(label=[_label(s, p) for s, p in zip(table["strategy"], table["params"])])
+    cell = t["t_ms"].map(lambda v: f"{v:.3f}") + t["overlap_efficiency"].map(
+        lambda e: "" if e is None or (isinstance(e, float) and math.isnan(e)) else f" ({e:.2f})")
+    wide = t.assign(cell=cell).pivot_table(index=["workload", "model", "tp", "num_tokens"], columns="label",
+                                           values="cell", aggfunc="first")
+    return wide.reset_index().rename(columns={"num_tokens": "tokens"}).rename_axis(columns=None).fillna("-")
+
+
+def print_step_summary(table: pd.DataFrame, title: str) -> None:
+    if not table.empty:
+        print_table(step_frame(table), title)

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from nanovllm_lab.lab import results
-from nanovllm_lab.lab.console import print_run_summary, print_sweep_summary
+from nanovllm_lab.lab.console import print_run_summary, print_step_summary, print_sweep_summary
 from nanovllm_lab.lab.env import capture_env
 from nanovllm_lab.lab.loggers import LOGGERS, RunLogger
 from nanovllm_lab.lab.metrics import StepRecorder, step_stats
@@ -209,4 +209,8 @@ class SweepEndCallback(Callback):
         LAST_SWEEP.ok, LAST_SWEEP.failed = int((status == "ok").sum()), int((status != "ok").sum())
         LAST_SWEEP.dir = str(sweep_dir)
         print_sweep_summary(summaries, "sweep summary")
+        if sweep_dir.exists():  # decode/prefill sweeps: step latency and overlap efficiency per size
+            from nanovllm_lab.lab.compare import step_table
+            print_step_summary(step_table(results.load_steps(sweep_dir), summaries),
+                               "step latency ms p50 (overlap efficiency) per size")
         print(f"sweep {sweep_dir}: {LAST_SWEEP.ok} ok, {LAST_SWEEP.failed} failed")
