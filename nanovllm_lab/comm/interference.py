@@ -19,8 +19,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-COMM_KERNEL_RE = re.compile(r"nccl|all_?reduce|one_shot|two_shot|symm|cross_device|reduce_scatter|all_gather",
-                            re.IGNORECASE)
+# symm_norm's fused kernel (kernels/allreduce_norm.py) counts as communication: the peer reads are the reduction,
+# and the add + norm it also does is small next to them.
+COMM_KERNEL_RE = re.compile(r"nccl|all_?reduce|one_shot|two_shot|symm|cross_device|reduce_scatter|all_gather|"
+                            r"sum_add_norm", re.IGNORECASE)
 
 
 def is_comm_kernel(name: str) -> bool:
