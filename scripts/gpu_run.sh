@@ -3,7 +3,8 @@
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
 #                                                         [trace] [scaling]      (MODEL=qwen3-32b for the tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
-#   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies.
+#   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
+#   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2).
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; each GPU test file TESTS_S,
@@ -28,6 +29,7 @@ ngpu=$(nvidia-smi -L | wc -l)
 # that stalls inside its box leaves evidence of where.
 [ -n "${HANG_DUMP_S:-}" ] && export PYTHONPATH=$PYTHONPATH:$PWD/scripts/hang_dump
 M=${MODEL:-qwen3-8b}   # the model of the tp>1 stages (qwen3-32b fits 2 x H200 too)
+TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: issue 6)
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -46,17 +48,17 @@ for stage in $stages; do
              done ;;
     bench)   # One GPU: issue 3's headline (qwen3-0.6b), overlapped decode off/on. Two or more: issue 4's (qwen3-8b,
              # tp=2) for blocking, overlap and none, whose report gives overlap efficiency end to end.
-             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=2 +strategy=${BENCH_STRATEGIES:-blocking,overlap,none}
+             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=$TP +strategy=${BENCH_STRATEGIES:-blocking,overlap,none}
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
-    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=2 \
+    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP \
                +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
-             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=2 \
+             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP \
                +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
-             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=2 trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
+             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
     scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
     *) echo "unknown stage $stage" ;;
