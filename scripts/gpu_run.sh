@@ -8,7 +8,7 @@
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; each GPU test file TESTS_S,
-# default 150, the strategy tests 420): one device call runs at most 10 minutes, so give it one or two stages. Multicast stays off.
+# default 150, the strategy tests 540): one device call runs at most 10 minutes, so give it one or two stages. Multicast stays off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -40,7 +40,7 @@ for stage in $stages; do
     tests)   # one file at a time, each boxed, so one stuck file cannot hide the others' results
              for f in ${TEST_FILES:-tests/test_triton_gpu.py tests/test_engine_gpu.py tests/test_strategies_gpu.py \
                       tests/test_distributed_gpu.py tests/test_flash_attn_backend.py}; do
-               box=${TESTS_S:-150}; [ "$f" = tests/test_strategies_gpu.py ] && box=${TESTS_S:-420}  # 22 tp=2 engines
+               box=${TESTS_S:-150}; [ "$f" = tests/test_strategies_gpu.py ] && box=${TESTS_S:-540}  # ~30 tp=2 engines, ~430 s
                timeout "$box" python3 -m pytest -m gpu -v --tb=short --durations=12 -p no:cacheprovider \
                  ${TESTS_K:+-k "$TESTS_K"} "$f" \
                  > "$O/tests_$(basename "$f" .py).log" 2>&1
