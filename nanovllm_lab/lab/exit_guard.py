@@ -5,7 +5,9 @@ minutes in interpreter shutdown. The suspect is inductor's compile-worker pool, 
 300 s; compilation now runs in-process (utils/compile.py). Shutdown also runs third-party atexit handlers and
 joins non-daemon threads, and none of those has a bound. Every result file is already written atomically
 when the deadline is armed. So if shutdown outlives the deadline, a daemon timer says so on stderr and ends
-the process with the exit code it was going to return, rather than leaving a GPU job hanging.
+the process with the exit code it was going to return, rather than leaving a GPU job hanging. The timer is a
+Python thread. It covers waits in atexit handlers and thread joins, where the GIL is released. It cannot end a
+stall in native destructors after the interpreter has finalized, and none has been seen.
 """
 from __future__ import annotations
 
