@@ -3,7 +3,7 @@ import math
 
 import pandas as pd
 
-from nanovllm_lab.lab.compare import comparison_table, step_table
+from nanovllm_lab.lab.compare import comparison_table, scaling_table, step_table
 from nanovllm_lab.lab.console import sweep_frame
 
 
@@ -104,3 +104,14 @@ def test_step_summary_console_and_report_figure(tmp_path):
     fig = compare.plots.layer_overlap(table[table["strategy"] != "none"].rename(
         columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step"))
     assert fig is not None and len(fig.axes) == 2
+
+
+def test_scaling_against_linear_from_tp1():
+    runs = pd.DataFrame([dict(workload="bench", model="m", strategy=s, tp=tp, throughput_tok_s=x)
+                         for s, tp, x in [("blocking", 1, 100.0), ("blocking", 2, 150.0), ("blocking", 4, 200.0),
+                                          ("overlap", 2, 170.0)]])
+    t = scaling_table(runs).set_index(["strategy", "tp"])
+    assert math.isclose(t.loc[("blocking", 2), "linear_scaling_fraction"], 0.75)  # 1.5x on 2 GPUs
+    assert math.isclose(t.loc[("blocking", 4), "linear_scaling_fraction"], 0.5)
+    assert math.isnan(t.loc[("overlap", 2), "linear_scaling_fraction"])  # no overlap run at tp=1
+    assert scaling_table(runs[runs["tp"] == 2]).empty  # one tp size: nothing to scale against

@@ -2,7 +2,8 @@
 
 Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
 and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
-exposed communication (share of the run's time) follow the research guide's definitions. The step table does the
+exposed communication (share of the run's time) follow the research guide's definitions. Runs at several tp
+sizes get their throughput as a fraction of linear scaling from tp=1. The step table does the
 same per step size for the `decode` and `prefill` workloads: median step latency per strategy (warm-up steps
 left out), and overlap efficiency and exposed communication against the blocking and none runs of the same
 workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
@@ -37,6 +38,7 @@ class Report:
     failed: pd.DataFrame                     # one row per failed run
     layer: pd.DataFrame                      # layer rows, pivoted per strategy
     steps: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode/prefill step latencies per size
+    scaling: pd.DataFrame = field(default_factory=pd.DataFrame)  # throughput against linear scaling from tp=1
     figures: dict[str, Figure] = field(default_factory=dict)
     uses_wandb: bool = False
 
@@ -65,6 +67,21 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     ok["exposed_comm_share"] = ((t - t_n) / t).where(ok["strategy"] != "none")
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
+
+
+def scaling_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (workload, model, strategy) run at several tp sizes: throughput, speedup over the same strategy at
+    tp=1 and that speedup as a fraction of linear scaling (speedup / tp). Empty without several tp sizes."""
+    need = {"workload", "model", "strategy", "tp", "throughput_tok_s"}
+    if runs.empty or not need <= set(runs.columns) or runs["tp"].nunique() < 2:
+        return pd.DataFrame()
+    keys = ["workload", "model", "strategy"]
+    t = runs.groupby([*keys, "tp"])["throughput_tok_s"].median().reset_index()
+    base = t[t["tp"] == 1].drop(columns="tp").rename(columns={"throughput_tok_s": "tp1_tok_s"})
+    t = t.merge(base, on=keys, how="left")
+    t["speedup_vs_tp1"] = t["throughput_tok_s"] / t["tp1_tok_s"]
+    t["linear_scaling_fraction"] = t["speedup_vs_tp1"] / t["tp"]
+    return t.sort_values([*keys, "tp"], kind="stable").reset_index(drop=True)
 
 
 def failed_table(summaries: pd.DataFrame) -> pd.DataFrame:
@@ -138,7 +155,7 @@ def build_report(root: str | Path) -> Report:
     steps, layer = results.load_steps(root), results.load_layer(root)
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 steps=step_table(steps, summaries), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+                 steps=step_table(steps, summaries), scaling=scaling_table(runs), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     step_rows = pd.DataFrame()
     if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
         step_rows = rep.steps[rep.steps["strategy"] != "none"].rename(
@@ -180,8 +197,8 @@ def write_report(rep: Report, out: str | Path) -> Path:
         path = assets / f"{name}.png"
         results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         images[name] = f"{assets.name}/{path.name}"
-    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("Step latencies", rep.steps),
-                ("Layer sweep", rep.layer)]
+    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("TP scaling", rep.scaling),
+                ("Step latencies", rep.steps), ("Layer sweep", rep.layer)]
     if out.suffix == ".md":
         parts = [f"# nanovllm_lab report: {rep.root}\n"]
         for title, df in sections:
@@ -211,6 +228,8 @@ def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = 
     payload: dict[str, Any] = {"runs": wandb.Table(dataframe=rep.runs.astype(object).where(rep.runs.notna(), None))}
     if not rep.layer.empty:
         payload["layer"] = wandb.Table(dataframe=rep.layer)
+    if not rep.scaling.empty:
+        payload["scaling"] = wandb.Table(dataframe=rep.scaling.astype(object).where(rep.scaling.notna(), None))
     if not rep.steps.empty:
         payload["steps"] = wandb.Table(dataframe=rep.steps.astype(object).where(rep.steps.notna(), None))
     payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})
