@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm_lab.comm.base import (CommStrategy, PendingReduction, SideReducer, StrategyConfig,
-                                    register_strategy)
+                                    has_layer_parts, register_strategy)
 from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
 
 
@@ -127,9 +127,6 @@ def _whole(layer: nn.Module, mb: _MicroBatch) -> tuple[torch.Tensor, torch.Tenso
     return layer(mb.positions, mb.hidden, mb.residual)
 
 
-_HALF_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-
-
 @register_strategy("async", AsyncConfig)
 class AsyncOverlapStrategy(CommStrategy):
     def __init__(self, cfg: AsyncConfig, info) -> None:
@@ -152,7 +149,7 @@ class AsyncOverlapStrategy(CommStrategy):
         """(stage function, id of the weight of its final row-parallel GEMM) for one decoder layer."""
         key = id(layer)
         if key not in self._stage_cache:
-            halves = self.cfg.stages == "half" and all(hasattr(layer, p) for p in _HALF_PARTS)
+            halves = self.cfg.stages == "half" and has_layer_parts(layer)
             parts = [(_attn_half, layer.self_attn), (_mlp_half, layer.mlp)] if halves else [(_whole, layer)]
             stages = []
             for fn, module in parts:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm_lab.comm.async_overlap import check_micro_batching, micro_batch_plan
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, register_strategy
-from nanovllm_lab.comm.seqpar import _PARTS, all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, has_layer_parts, register_strategy
+from nanovllm_lab.comm.seqpar import all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
 from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
 
 
@@ -107,7 +107,7 @@ class AsyncRsAgStrategy(CommStrategy):
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = get_context()
         bounds = self.plan(ctx, hidden.shape[0])
-        if bounds is None or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
+        if bounds is None or not has_layer_parts(*layers):
             return super().run_layers(layers, positions, hidden)
         mbs = []
         for s, e in zip(bounds, bounds[1:]):

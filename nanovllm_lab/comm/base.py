@@ -127,6 +127,16 @@ class CommStrategy:
         pass
 
 
+# -- the decoder layer's parts, for strategies that run its halves themselves --------------------------------
+LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def has_layer_parts(*layers) -> bool:
+    """Whether every layer exposes the pre-norm block's parts (Qwen3DecoderLayer does), so that a strategy may
+    run its attention and MLP halves with its own reductions in between; else it runs the layers whole."""
+    return all(hasattr(layer, p) for layer in layers for p in LAYER_PARTS)
+
+
 # -- reductions off the compute stream (shared by the overlapping strategies) ------------------------------
 _COMM_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}
 

@@ -19,11 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strategy
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
 from nanovllm_lab.utils.context import AttentionContext
-
-_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-
 
 def shard_rows(n: int, world: int) -> int:
     """Rows of each rank's token shard: n padded up to a multiple of `world`, divided by it."""
@@ -80,7 +77,7 @@ class ReduceScatterAllGatherStrategy(CommStrategy):
 
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        if not self.applicable(None, n) or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
+        if not self.applicable(None, n) or not has_layer_parts(*layers):
             return super().run_layers(layers, positions, hidden)
         world = self.world_size
         residual = token_shard(hidden, self.rank, world)  # the embedding is replicated: no collective

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strategy
-from nanovllm_lab.comm.seqpar import _PARTS
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
 from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, forget_group, rendezvous_buffer, unavailable_reason
 
 _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the kernel (a named error from the watchdog), not a silent spin
@@ -119,7 +118,7 @@ class SymmNormStrategy(CommStrategy):
 
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        if not self.applicable(None, n) or not all(hasattr(layer, p) for layer in layers for p in _PARTS):
+        if not self.applicable(None, n) or not has_layer_parts(*layers):
             return super().run_layers(layers, positions, hidden)
         residual, h = hidden, layers[0].input_layernorm(hidden)
         self._slot = 0
