@@ -21,6 +21,7 @@ from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference  # noqa: E402
 from nanovllm_lab.kernels import store_kv as _store_mod  # noqa: E402
 from nanovllm_lab.kernels.allreduce_norm import sum_add_norm  # noqa: E402
+from nanovllm_lab.layers.layernorm import RMSNorm  # noqa: E402
 from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from nanovllm_lab.kernels.store_kv import store_kvcache  # noqa: E402
 from nanovllm_lab.utils.context import AttentionContext  # noqa: E402
@@ -229,9 +230,12 @@ def test_sum_add_norm_matches_the_unfused_path(dtype, world, n, hidden, norm):
     g = _gen(world * 100 + n)
     bufs = [_randn((n, hidden), dtype, g) for _ in range(world)]
     residual = _randn((n, hidden), dtype, g)
-    weight = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype) if norm else None
-    out, res = sum_add_norm(bufs, residual, weight, 1e-6)
-    ref_out, ref_res = sum_add_norm_reference(bufs, residual, weight, 1e-6)
+    layer = None
+    if norm:
+        layer = RMSNorm(hidden, 1e-6).to(dtype)
+        layer.weight.data = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype)
+    out, res = sum_add_norm(bufs, residual, layer.weight if norm else None, 1e-6)
+    ref_out, ref_res = sum_add_norm_reference(bufs, residual, layer)
     _check(out, ref_out, dtype)
     if norm:
         # bf16 within tolerance only: the interpreter truncates float32 -> bf16 even when asked to round to

@@ -49,17 +49,12 @@ class SymmNormConfig(StrategyConfig):
             raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
 
 
-def sum_add_norm_reference(bufs: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor | None,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """kernels/allreduce_norm.py's `sum_add_norm` as the unfused path in PyTorch: the all-reduce's result (the
-    float32 sum rounded to the activation dtype), then layers/layernorm.py's add + norm."""
-    dtype = bufs[0].dtype
-    s = torch.stack([b.float() for b in bufs]).sum(0).to(dtype)
-    if weight is None:
-        return s, residual
-    x = (s.float() + residual.float()).to(dtype)
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype), x
+def sum_add_norm_reference(bufs: list[torch.Tensor], residual: torch.Tensor | None,
+                           norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """kernels/allreduce_norm.py's `sum_add_norm` as the unfused path: the all-reduce's result (the float32 sum
+    rounded to the activation dtype), then the RMSNorm layer itself adds and normalises (norm=None: the sum)."""
+    s = torch.stack([b.float() for b in bufs]).sum(0).to(bufs[0].dtype)
+    return (s, residual) if norm is None else norm(s, residual)
 
 
 @register_strategy("symm_norm", SymmNormConfig)
@@ -105,14 +100,14 @@ class SymmNormStrategy(CommStrategy):
         """The partial sums in the current slot -> (norm(residual + sum), residual + sum), or with norm=None
         (after the last layer) (sum, residual) for the model's final norm. Then the next slot."""
         bufs = [p[self._slot, :n] for p in self.peers]
-        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         if self.device.type == "cuda":
             from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
             if self.handle is not None:
                 self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
             out = sum_add_norm(bufs, residual, weight, eps)
         else:
-            out = sum_add_norm_reference(bufs, residual, weight, eps)
+            out = sum_add_norm_reference(bufs, residual, norm)
         self._slot ^= 1
         return out
 

@@ -6,8 +6,8 @@ on the project's machines.
 
 Rounding follows the unfused path exactly: the sum is rounded to the activation dtype (what an all-reduce
 returns), the residual add is done in float32 and rounded, and the norm is computed in float32, rounded, and
-then scaled by the weight (layers/layernorm.py). `comm.symm_norm.sum_add_norm_reference` is that unfused path
-in PyTorch. It is the CPU implementation and the tests' oracle.
+then scaled by the weight (layers/layernorm.py). `comm.symm_norm.sum_add_norm_reference` is that unfused path:
+the rounded sum through the RMSNorm layer itself. It is the CPU implementation and the tests' oracle.
 
 The kernel does no synchronisation. The caller must make every rank's partial sum visible before the launch (a
 symmetric-memory barrier), and must keep a buffer unwritten until every peer has read it (comm/symm_norm.py
