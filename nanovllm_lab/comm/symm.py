@@ -134,6 +134,13 @@ def _align_store_exchange(group, device) -> None:
         _rendezvous(symm_mem.empty(1, dtype=torch.float32, device=device), me.group_name)
 
 
+def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) written into `out` (a view of a symmetric buffer, so peers can read it)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def forget_group(group_name: str) -> None:
     """Drop a group's registration under its name (see `rendezvous_buffer`)."""
     if group_name:
@@ -202,11 +209,7 @@ class SymmStrategy(CommStrategy):
             self.calls["nccl"] += 1
             return super().row_parallel(x, weight, bias)
         view = buf[: n * h].view(n, h)  # offset 0: peers see the same rows at the same addresses
-        if bias is None:
-            torch.mm(x, weight.t(), out=view)
-        else:
-            torch.addmm(bias, x, weight.t(), out=view)
-        return self.symm_all_reduce(view)
+        return self.symm_all_reduce(linear_into(view, x, weight, bias))
 
     def close(self) -> None:
         self.buffer = None

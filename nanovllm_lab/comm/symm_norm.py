@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
-from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, forget_group, rendezvous_buffer, unavailable_reason
+from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
+                                   unavailable_reason)
 
 _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the kernel (a named error from the watchdog), not a silent spin
 
@@ -89,12 +90,7 @@ class SymmNormStrategy(CommStrategy):
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._slot < 0:
             return self.all_reduce(F.linear(x, weight, bias))
-        out = self.peers[self.rank][self._slot, : x.shape[0]]
-        if bias is None:
-            torch.mm(x, weight.t(), out=out)
-        else:
-            torch.addmm(bias, x, weight.t(), out=out)
-        return out
+        return linear_into(self.peers[self.rank][self._slot, : x.shape[0]], x, weight, bias)
 
     def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """The partial sums in the current slot -> (norm(residual + sum), residual + sum), or with norm=None
