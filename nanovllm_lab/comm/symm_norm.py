@@ -69,6 +69,10 @@ class SymmNormStrategy(CommStrategy):
         self.handle = None
         self.group_name = ""
         self._slot = -1  # >= 0 inside the fused loop: row-parallel GEMMs write their partial sums there
+        self._fused = None  # the Triton kernel's wrapper on cuda (imported once: triton exists there)
+        if self.device.type == "cuda":
+            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
+            self._fused = sum_add_norm
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         capacity = min(self.cfg.max_tokens, max_tokens)
@@ -96,12 +100,11 @@ class SymmNormStrategy(CommStrategy):
         """The partial sums in the current slot -> (norm(residual + sum), residual + sum), or with norm=None
         (after the last layer) (sum, residual) for the model's final norm. Then the next slot."""
         bufs = [p[self._slot, :n] for p in self.peers]
-        if self.device.type == "cuda":
-            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
+        if self._fused is not None:
             if self.handle is not None:
                 self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-            out = sum_add_norm(bufs, residual, weight, eps)
+            out = self._fused(bufs, residual, weight, eps)
         else:
             out = sum_add_norm_reference(bufs, residual, norm)
         self._slot ^= 1
