@@ -43,6 +43,12 @@ class Report:
     uses_wandb: bool = False
 
 
+def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -> pd.Series:
+    """(T_blocking - T) / (T_blocking - T_none), element-wise; NaN where blocking and none take the same time."""
+    penalty = t_blocking - t_none
+    return (t_blocking - t) / penalty.where(penalty.abs() > 0)
+
+
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """Successful runs with their speedup over the blocking run of the same workload, model and tp."""
     if summaries.empty or "status" not in summaries:
@@ -62,8 +68,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
              .rename("none_tok_s").reset_index())
     ok = ok.merge(bound, on=_GROUP, how="left")
     t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ok["blocking_tok_s"], 1 / ok["none_tok_s"]
-    penalty = (t_b - t_n).where((t_b - t_n).abs() > 0)
-    ok["overlap_efficiency"] = ((t_b - t) / penalty).where(ok["strategy"] != "none")
+    ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(ok["strategy"] != "none")
     ok["exposed_comm_share"] = ((t - t_n) / t).where(ok["strategy"] != "none")
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
@@ -121,9 +126,9 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     for name in ("blocking", "none"):
         col = ref[name] if name in ref else pd.Series(math.nan, index=ref.index)
         stats = stats.merge(col.rename(f"t_{name}_ms").reset_index(), on=keys, how="left")
-    penalty = (stats["t_blocking_ms"] - stats["t_none_ms"]).where(lambda d: d.abs() > 0)
     real = stats["strategy"] != "none"
-    stats["overlap_efficiency"] = ((stats["t_blocking_ms"] - stats["t_ms"]) / penalty).where(real)
+    stats["overlap_efficiency"] = overlap_efficiency(stats["t_ms"], stats["t_blocking_ms"],
+                                                     stats["t_none_ms"]).where(real)
     stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
     return stats.sort_values([*keys, "strategy", "params"], kind="stable").reset_index(drop=True)
 
