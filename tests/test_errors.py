@@ -169,3 +169,41 @@ def test_worker_dying_at_start_raises_instead_of_hanging(tmp_path):
     assert time.monotonic() - t < 60
     assert r.returncode != 0
     assert "worker rank 1 died before it could start" in r.stderr and "__main__" in r.stderr
+
+
+def test_stuck_process_group_teardown_is_bounded_and_named(tmp_path, monkeypatch, caplog):
+    """A teardown that never returns (rank 0's NCCL abort did so on 2 x H200) costs the engine's exit at most
+    NANOVLLM_TEARDOWN_TIMEOUT_S; the process then refuses a new tensor-parallel engine with an error that says why."""
+    import torch.distributed as dist
+
+    from nanovllm_lab.distributed import parallel
+
+    release = __import__("threading").Event()
+    real_destroy = dist.destroy_process_group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: release.wait(20))  # 20: no hang if unbounded
+    monkeypatch.setenv(parallel.TEARDOWN_TIMEOUT_ENV, "0.5")
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="nanovllm_lab.distributed.parallel"):
+            parallel.destroy_distributed()
+        assert time.monotonic() - t0 < 5
+        assert "did not tear down within 0.5 s" in caplog.text
+        with pytest.raises(RuntimeError, match="did not tear down within 0.5 s.*new process"):
+            parallel.init_distributed(0, 2, "cpu", str(tmp_path / "store2"))
+    finally:
+        release.set()
+        monkeypatch.setattr(dist, "destroy_process_group", real_destroy)
+        if dist.is_initialized():
+            real_destroy()
+        parallel._STUCK_TEARDOWN = ""
+
+
+def test_teardown_timeout_setting_is_checked(monkeypatch):
+    from nanovllm_lab.distributed import parallel
+    monkeypatch.setenv(parallel.TEARDOWN_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="NANOVLLM_TEARDOWN_TIMEOUT_S must be a number"):
+        parallel.teardown_timeout_s()
+    monkeypatch.setenv(parallel.TEARDOWN_TIMEOUT_ENV, "0")
+    with pytest.raises(ValueError, match="must be > 0"):
+        parallel.teardown_timeout_s()
