@@ -12,7 +12,6 @@ failed (failed jobs leave error.json). Config lives in conf/ at the repository r
 """
 from __future__ import annotations
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -29,8 +28,7 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     _app()
     code = 1 if runner.LAST_SWEEP.failed and not runner.LAST_SWEEP.ok else 0
-    exit_guard.arm_exit_deadline(code)  # results are on disk: interpreter shutdown gets a bounded time
-    sys.exit(code)
+    exit_guard.finish(code)  # results are on disk: bounded atexit handlers, no native teardown (exit_guard.py)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,25 @@ def test_exit_deadline_ends_a_stalled_shutdown(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["valid_outputs"] is True
 
 
+def test_exit_skips_what_interpreter_shutdown_would_wait_for(tmp_path):
+    """Once the results are written the process ends at once, even with a thread that interpreter shutdown would
+    join for 300 s (a stand-in for the native teardown that outlived the deadline on a GPU), and before the
+    deadline (250 s here) would have to end it."""
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    (stall / "sitecustomize.py").write_text("import threading, time\n"
+                                            "threading.Thread(target=time.sleep, args=(300,), daemon=False).start()\n")
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = run_cli([f"hydra.run.dir={run_dir}", "progress=false"], cwd=tmp_path,
+                   env={"NANOVLLM_LAB_EXIT_GRACE_S": "250",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(stall), os.environ.get("PYTHONPATH")]))})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 200
+    assert "still shutting down" not in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["valid_outputs"] is True
+
+
 def test_sweep_one_dir_per_job_and_failure_survives(sweep_dir):
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0_blocking_tp1", "1_blocking_tp2", "2_none_tp1", "3_none_tp2", "4_overlap_tp1", "5_overlap_tp2",

@@ -1,26 +1,32 @@
-"""A deadline for the lab process's own exit, armed once its results are on disk.
+"""The lab process's own exit, once its results are on disk: bounded, and without native teardown.
 
-After a tp=2 sweep on 2 x H200 (torch 2.11), the process printed its table and then stayed alive for
-minutes in interpreter shutdown. The suspect is inductor's compile-worker pool, whose shutdown waits up to
-300 s; compilation now runs in-process (utils/compile.py). Shutdown also runs third-party atexit handlers and
-joins non-daemon threads, and none of those has a bound. Every result file is already written atomically
-when the deadline is armed. So if shutdown outlives the deadline, a daemon timer says so on stderr and ends
-the process with the exit code it was going to return, rather than leaving a GPU job hanging. The timer is a
-Python thread. It covers waits in atexit handlers and thread joins, where the GIL is released. It cannot end a
-stall in native destructors after the interpreter has finalized, and none has been seen.
+After tp=2 sweeps on 2 x H200 (torch 2.11), the process printed its table and then stayed alive for minutes.
+Session 4 blamed inductor's compile-worker pool (compilation now runs in-process, utils/compile.py) and added
+a deadline: a daemon timer that ends the process if shutdown outlives NANOVLLM_LAB_EXIT_GRACE_S (default 60 s).
+Session 5 saw the stall again past that deadline: a bench sweep printed its table at 12:59:01 and was still
+alive when its box ended it two minutes later, with no deadline message. A Python timer cannot fire once the
+interpreter has finalized, nor while a native call holds the GIL, so the stall was in native code: teardown of
+CUDA, NCCL or a library, after every engine had already released its GPU state (inferred; no stack was caught).
+
+So `finish` runs the atexit handlers (wandb, multiprocessing, torch) itself, under the deadline, flushes the
+logs and standard streams, and ends the process with `os._exit`, skipping native teardown, which has nothing
+left to save: every result file is written atomically before this point.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 import threading
+from typing import NoReturn
 
 DEFAULT_GRACE_S = 60.0
 ENV = "NANOVLLM_LAB_EXIT_GRACE_S"  # seconds; 0 or less turns the deadline off
 
 
 def arm_exit_deadline(code: int) -> threading.Timer | None:
-    """Start the daemon timer (call it last, just before returning `code` to the interpreter)."""
+    """Start the daemon timer that ends the process with `code` after the grace period (`finish` arms it)."""
     try:
         grace = float(os.environ.get(ENV, DEFAULT_GRACE_S))
     except ValueError:
@@ -31,14 +37,27 @@ def arm_exit_deadline(code: int) -> threading.Timer | None:
     def expire() -> None:
         print(f"nanovllm_lab: the process was still shutting down {grace:g} s after its results were written; "
               f"ending it with exit code {code} (set {ENV} to change the grace period)", file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        _flush_streams()
         os._exit(code)
 
     timer = threading.Timer(grace, expire)
     timer.daemon = True  # must not itself hold the exit it guards
     timer.start()
     return timer
+
+
+def finish(code: int) -> NoReturn:
+    """End the lab process with `code`: atexit handlers under the deadline, logs flushed, then os._exit."""
+    arm_exit_deadline(code)
+    atexit._run_exitfuncs()  # what interpreter shutdown would run first; os._exit below skips them otherwise
+    logging.shutdown()
+    _flush_streams()
+    os._exit(code)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
