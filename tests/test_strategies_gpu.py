@@ -7,9 +7,12 @@ once GEMM shapes differ, e.g. chunked). The symm test also replays the reduction
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
+import subprocess
+import sys
 import tempfile
 import traceback
 
@@ -22,6 +25,8 @@ if torch.cuda.device_count() < 2:
     pytest.skip("needs >= 2 CUDA GPUs", allow_module_level=True)
 
 from nanovllm_lab import LLM, SamplingParams  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ENGINE = dict(tensor_parallel_size=2, max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=96,
               max_num_batched_tokens=96, max_num_seqs=8, device="cuda",
@@ -44,7 +49,8 @@ STRATEGIES = {
 }
 
 
-def run_scenario(strategy, dtype: str, eager: bool) -> dict:
+def scenario_in_process(strategy, dtype: str, eager: bool) -> dict:
+    """One engine in this process: BATCH_A then BATCH_B, greedy; its tokens and every step's logits."""
     llm = LLM("tiny", strategy=strategy, dtype=dtype, enforce_eager=eager, **ENGINE)
     try:
         logits: list[torch.Tensor] = []
@@ -60,6 +66,25 @@ def run_scenario(strategy, dtype: str, eager: bool) -> dict:
                 "graphs": llm.model_runner.graphs is not None}
     finally:
         llm.exit()
+
+
+def run_scenario(strategy, dtype: str, eager: bool) -> dict:
+    """The scenario in a process of its own (this file run as a script), so that no engine's state or teardown
+    can touch the next one. In session 5 the whole file timed out on 2 x H200 because rank 0's NCCL teardown
+    never returned after the first scenario had finished (results/gpu/2026-11-28e_h200x2). The teardown is now
+    bounded, and the child saves its result before it exits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.pt")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        cmd = [sys.executable, __file__, json.dumps(strategy), dtype, "eager" if eager else "graph", path]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            detail = f"rc {proc.returncode}\n{proc.stderr[-4000:]}"
+        except subprocess.TimeoutExpired as e:
+            detail = f"no exit in 300 s\n{(e.stderr or b'')[-4000:]!r}"
+        if not os.path.exists(path):
+            pytest.fail(f"scenario {strategy!r} {dtype} eager={eager} left no result: {detail}")
+        return torch.load(path)
 
 
 _REF: dict = {}
@@ -96,7 +121,7 @@ def test_symm_engines_one_after_another_in_one_process():
     process used to wait forever at rendezvous (torch's per-process exchange counter; comm/symm.py)."""
     ref = reference("float32", True)
     for key in ("symm", "symm", "symm_norm"):
-        assert run_scenario(STRATEGIES[key], "float32", True)["tokens"] == ref["tokens"], key
+        assert scenario_in_process(STRATEGIES[key], "float32", True)["tokens"] == ref["tokens"], key
 
 
 # -- symmetric memory against NCCL ---------------------------------------------------------------------
@@ -159,3 +184,13 @@ def test_symm_sums_match_nccl():
                 assert err["nccl"] == 0 and err[key[0]] > 0, (rank, key, err)
             else:
                 assert err <= 0.05, (rank, key, err)  # bf16 sums of two partials: rounding only
+
+
+if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE eager|graph RESULT_PATH
+    _strategy, _dtype, _mode, _path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    _got = scenario_in_process(_strategy, _dtype, _mode == "eager")
+    torch.save(_got, _path + ".tmp")
+    os.replace(_path + ".tmp", _path)  # whole or absent
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the result is saved: nothing left for interpreter shutdown to do
