@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
-#                                                         [trace] [scaling]      (MODEL=qwen3-32b for the tp>1 ones)
+#                                                         [symm_large] [trace] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2).
@@ -57,6 +57,11 @@ for stage in $stages; do
     decode|prefill)  # the two halves of `steps`, each fits one device call
              [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP \
                +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
+    symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
+             # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
+             # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
+             # `prefill` and `bench`, and compare with those (python -m nanovllm_lab.report DIR1 DIR2 ...).
+             [ "$ngpu" -ge 2 ] && lab -m workload=prefill,bench model=$M tp=$TP +strategy=symm_norm strategy.max_tokens=16384 ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
