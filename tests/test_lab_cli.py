@@ -52,20 +52,26 @@ def test_readme_command(tmp_path):
     assert "still shutting down" not in proc.stderr  # a normal exit never meets the exit deadline
 
 
-def test_exit_deadline_ends_a_stalled_shutdown(tmp_path):
-    """A shutdown that stalls after the results are written (an atexit handler that sleeps 300 s, as
-    inductor's pool shutdown did on a GPU) ends at the deadline, with the run's exit code and a message."""
+def run_with_sitecustomize(tmp_path, code: str, grace_s: str):
+    """One lab run whose interpreter first imports a sitecustomize holding `code`: (process, run dir, seconds)."""
     stall = tmp_path / "stall"
-    stall.mkdir()  # a sitecustomize the CLI's interpreter imports at start-up
-    (stall / "sitecustomize.py").write_text("import atexit, time\natexit.register(time.sleep, 300)\n")
+    stall.mkdir()
+    (stall / "sitecustomize.py").write_text(code)
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     proc = run_cli([f"hydra.run.dir={run_dir}", "progress=false"], cwd=tmp_path,
-                   env={"NANOVLLM_LAB_EXIT_GRACE_S": "2",
+                   env={"NANOVLLM_LAB_EXIT_GRACE_S": grace_s,
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(stall), os.environ.get("PYTHONPATH")]))})
+    return proc, run_dir, time.monotonic() - t0
+
+
+def test_exit_deadline_ends_a_stalled_shutdown(tmp_path):
+    """A shutdown that stalls after the results are written (an atexit handler that sleeps 300 s, as
+    inductor's pool shutdown did on a GPU) ends at the deadline, with the run's exit code and a message."""
+    proc, run_dir, took = run_with_sitecustomize(tmp_path, "import atexit, time\natexit.register(time.sleep, 300)\n", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "still shutting down 2 s after its results were written" in proc.stderr
-    assert time.monotonic() - t0 < 200  # not the 300 s sleep
+    assert took < 200  # not the 300 s sleep
     assert json.loads((run_dir / "summary.json").read_text())["valid_outputs"] is True
 
 
@@ -73,17 +79,11 @@ def test_exit_skips_what_interpreter_shutdown_would_wait_for(tmp_path):
     """Once the results are written the process ends at once, even with a thread that interpreter shutdown would
     join for 300 s (a stand-in for the native teardown that outlived the deadline on a GPU), and before the
     deadline (250 s here) would have to end it."""
-    stall = tmp_path / "stall"
-    stall.mkdir()
-    (stall / "sitecustomize.py").write_text("import threading, time\n"
-                                            "threading.Thread(target=time.sleep, args=(300,), daemon=False).start()\n")
-    run_dir = tmp_path / "run"
-    t0 = time.monotonic()
-    proc = run_cli([f"hydra.run.dir={run_dir}", "progress=false"], cwd=tmp_path,
-                   env={"NANOVLLM_LAB_EXIT_GRACE_S": "250",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(stall), os.environ.get("PYTHONPATH")]))})
+    proc, run_dir, took = run_with_sitecustomize(
+        tmp_path, "import threading, time\nthreading.Thread(target=time.sleep, args=(300,), daemon=False).start()\n",
+        "250")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.monotonic() - t0 < 200
+    assert took < 200
     assert "still shutting down" not in proc.stderr
     assert json.loads((run_dir / "summary.json").read_text())["valid_outputs"] is True
 
