@@ -49,8 +49,9 @@ STRATEGIES = {
 }
 
 
-def scenario_in_process(strategy, dtype: str, eager: bool) -> dict:
-    """One engine in this process: BATCH_A then BATCH_B, greedy; its tokens and every step's logits."""
+def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = True) -> dict:
+    """One engine in this process: BATCH_A then BATCH_B, greedy; its tokens and every step's logits.
+    exit_engine=False leaves the engine up, for a caller that ends the process right after."""
     llm = LLM("tiny", strategy=strategy, dtype=dtype, enforce_eager=eager, **ENGINE)
     try:
         logits: list[torch.Tensor] = []
@@ -65,14 +66,17 @@ def scenario_in_process(strategy, dtype: str, eager: bool) -> dict:
         return {"tokens": [o["token_ids"] for o in out], "logits": logits,
                 "graphs": llm.model_runner.graphs is not None}
     finally:
-        llm.exit()
+        if exit_engine:
+            llm.exit()
 
 
 def run_scenario(strategy, dtype: str, eager: bool) -> dict:
     """The scenario in a process of its own (this file run as a script), so that no engine's state or teardown
     can touch the next one. In session 5 the whole file timed out on 2 x H200 because rank 0's NCCL teardown
-    never returned after the first scenario had finished (results/gpu/2026-11-28e_h200x2). The teardown is now
-    bounded, and the child saves its result before it exits."""
+    never returned after the first scenario had finished (results/gpu/2026-11-28e_h200x2). The child saves its
+    result and ends without an engine teardown (its workers leave when its pipes close); what is under test here
+    is equality. Teardown is covered by test_symm_engines_one_after_another_in_one_process and
+    tests/test_distributed_gpu.py."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.pt")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -188,9 +192,9 @@ def test_symm_sums_match_nccl():
 
 if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE eager|graph RESULT_PATH
     _strategy, _dtype, _mode, _path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    _got = scenario_in_process(_strategy, _dtype, _mode == "eager")
+    _got = scenario_in_process(_strategy, _dtype, _mode == "eager", exit_engine=False)
     torch.save(_got, _path + ".tmp")
     os.replace(_path + ".tmp", _path)  # whole or absent
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # the result is saved: nothing left for interpreter shutdown to do
+    os._exit(0)  # the result is saved; the workers see rank 0's pipes close and leave
