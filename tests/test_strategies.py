@@ -284,7 +284,7 @@ def test_layer_sweep_rows_on_cpu():
 
 
 def test_step_sweep_plumbing():
-    from nanovllm_lab.comm.layerbench import step_sweep
+    from nanovllm_lab.comm.stepbench import step_sweep
     rows = step_sweep("tiny", 1, ["blocking", "none"], decode_batches=(2,), prefill_tokens=(24,), repeats=2,
                       device="cpu", decode_context=8, kvcache_block_size=16, num_kvcache_blocks=32)
     assert {(r["phase"], r["strategy"]) for r in rows} == {(p, s) for p in ("prefill", "decode")

@@ -13,12 +13,11 @@ one call, so the pipeline fill/drain of micro-batching is amortised as in a full
 strategy's layer call is also profiled (3 calls, rank 0) for its compute-kernel time and compute
 interference against `none` (comm/interference.py).
 
-`step_sweep` times whole engine steps per strategy through `ModelRunner.step_hooks`.
+The ranks' body is comm/layerbench_worker.py; `step_sweep` (whole engine steps) is comm/stepbench.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import multiprocessing as mp
 import os
@@ -26,9 +25,8 @@ import queue
 import shutil
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -86,206 +84,6 @@ def efficiency(t: float, t_blocking: float, t_none: float) -> float:
     return (t_blocking - t) / den if den > 0 else math.nan
 
 
-# -- the worker ---------------------------------------------------------------------------------------
-def _batch(job: _Job, phase: str, n: int, arch, dev: torch.device):
-    """(AttentionContext, positions, number of cache blocks) of one prefill or decode batch."""
-    from nanovllm_lab.utils.context import AttentionContext
-    bs = job.block_size
-    if phase == "prefill":
-        k = max(1, min(job.prefill_seqs, n))
-        lens = [n // k + (i < n % k) for i in range(k)]
-        cu, pos, slots, block = [0], [], [], 0
-        for ln in lens:
-            cu.append(cu[-1] + ln)
-            pos += range(ln)
-            slots += [block * bs + p for p in range(ln)]
-            block += -(-ln // bs)
-        ctx = AttentionContext(is_prefill=True, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-                               cu_seqlens_k=torch.tensor(cu, dtype=torch.int32, device=dev),
-                               max_seqlen_q=max(lens), max_seqlen_k=max(lens),
-                               slot_mapping=torch.tensor(slots, dtype=torch.int32, device=dev),
-                               cu_seqlens_q_host=cu, cu_seqlens_k_host=list(cu))
-        return ctx, torch.tensor(pos, dtype=torch.int64, device=dev), block
-    c = job.decode_context
-    per = -(-c // bs)
-    tables = torch.arange(n * per, dtype=torch.int32, device=dev).view(n, per)
-    slots = tables[:, (c - 1) // bs] * bs + (c - 1) % bs
-    ctx = AttentionContext(is_prefill=False, slot_mapping=slots.contiguous(),
-                           context_lens=torch.full((n,), c, dtype=torch.int32, device=dev), block_tables=tables)
-    return ctx, torch.full((n,), c - 1, dtype=torch.int64, device=dev), n * per
-
-
-def _measure(fns: dict[str, Callable[[], Any]], job: _Job, dev: torch.device, world: int) -> dict[str, list[float]]:
-    import torch.distributed as dist
-    cuda = dev.type == "cuda"
-    for fn in fns.values():
-        for _ in range(job.warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(job.repeats):
-        for key, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(dev)
-            if world > 1:
-                dist.barrier()
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[key].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _graphed(fn: Callable[[], Any], dev: torch.device) -> tuple[Callable[[], Any], Any]:
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay, g
-
-
-def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
-    import torch.distributed as dist
-
-    from nanovllm_lab.attention.base import get_backend, resolve_backend
-    from nanovllm_lab.comm.base import StrategyConfig, build_strategy, resolve_strategy, set_comm
-    from nanovllm_lab.comm.interference import kernel_ms
-    from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
-    from nanovllm_lab.layers.attention import Attention
-    from nanovllm_lab.layers.linear import RowParallelLinear
-    from nanovllm_lab.models.arch import load_arch
-    from nanovllm_lab.models.qwen3 import Qwen3DecoderLayer
-    from nanovllm_lab.utils.compile import set_compile
-    from nanovllm_lab.utils.context import reset_context, set_context
-    try:
-        if job.device == "cpu":  # one share of the cores per rank: oversubscribed OpenMP threads spin for ms
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tp))
-        info = init_distributed(rank, job.tp, job.device, init_file)
-        dev, world = torch.device(info.device), info.world_size
-        compiled = dev.type == "cuda" if job.torch_compile is None else job.torch_compile
-        set_compile(compiled)
-        arch = load_arch(job.arch)
-        dtype = getattr(torch, job.dtype or (arch.torch_dtype if dev.type == "cuda" else "float32"))
-        torch.manual_seed(1234 + rank)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(dev):
-                layer, row = Qwen3DecoderLayer(arch), RowParallelLinear(arch.intermediate_size, arch.hidden_size)
-        finally:
-            torch.set_default_dtype(prev)
-        for name, p in [*layer.named_parameters(), *row.named_parameters()]:
-            if name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            else:
-                p.data.normal_(0, 0.02)
-        attn = next(m for m in layer.modules() if isinstance(m, Attention))
-        attn.backend = get_backend(resolve_backend("auto", job.device))
-        card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-        max_tokens = max(job.tokens)
-        strategies: dict[str, Any] = {"blocking": build_strategy(StrategyConfig(name="blocking"), info),
-                                      "none": build_strategy(StrategyConfig(name="none"), info)}
-        errors: dict[str, str] = {}
-        labels = []
-        for spec in job.strategies:
-            name, params = _spec_name_params(spec)
-            label = name + (json.dumps(params, sort_keys=True) if params else "")
-            labels.append((label, name, params))
-            if label in strategies or label in errors:
-                continue
-            try:
-                strategies[label] = build_strategy(resolve_strategy(spec), info)
-            except ValueError as e:  # e.g. symm on gloo: a row that says why instead of a failed sweep
-                errors[label] = str(e)
-        for s in strategies.values():
-            s.prepare(max_tokens, arch.hidden_size, dtype)
-        layers = [layer] * job.stack
-        kv_heads = arch.num_key_value_heads // world
-        rows: list[dict] = []
-        for phase in job.phases:
-            for n in job.tokens:
-                ctx, positions, blocks = _batch(job, phase, n, arch, dev)
-                shape = (max(blocks, 1), job.block_size, kv_heads, arch.head_dim)
-                attn.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
-                attn.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
-                hidden = torch.randn(n, arch.hidden_size, dtype=dtype, device=dev)
-                x_row = torch.randn(n, arch.intermediate_size // world, dtype=dtype, device=dev)
-                comm_bufs = [torch.randn(n, arch.hidden_size, dtype=dtype, device=dev) for _ in range(2)]
-                graph = job.cuda_graph and dev.type == "cuda" and (phase == "decode" or job.prefill_graph)
-
-                def unit_fn(unit: str, s: Any) -> Callable[[], Any]:
-                    def run() -> Any:
-                        set_comm(s)
-                        set_context(ctx)
-                        try:
-                            if unit == "layer":
-                                return s.run_layers(layers, positions, hidden)
-                            return row(x_row)
-                        finally:
-                            reset_context()
-                    return run
-
-                def comm_fn(calls: int) -> Callable[[], Any]:
-                    def run() -> None:
-                        if world > 1:
-                            for i in range(calls):
-                                dist.all_reduce(comm_bufs[i % 2])
-                    return run
-
-                for unit, calls, scale in (("layer", 2 * job.stack, job.stack), ("row_linear", 1, 1)):
-                    fns = {k: unit_fn(unit, s) for k, s in strategies.items()}
-                    fns["__comm__"] = comm_fn(calls)
-                    keep = []
-                    if graph:
-                        for k in list(fns):
-                            fns[k], g = _graphed(fns[k], dev)
-                            keep.append(g)
-                    t = _measure(fns, job, dev, world)
-                    kern: dict[str, tuple[float, float]] = {}
-                    if job.interference and unit == "layer" and dev.type == "cuda":
-                        for k in strategies:  # every rank runs the calls (collectives); rank 0 profiles
-                            if world > 1:
-                                dist.barrier()
-                            kern[k] = kernel_ms(fns[k], 3, profile=rank == 0)
-                    del keep
-                    stat = {k: (_quantile(v, 0.5) / scale, _quantile(v, 0.1) / scale, _quantile(v, 0.9) / scale)
-                            for k, v in t.items()}
-                    tb, tn, tc = stat["blocking"][0], stat["none"][0], stat["__comm__"][0]
-                    for label, name, params in labels:
-                        tm, p10, p90 = stat.get(label, (math.nan,) * 3)
-                        ck = kern.get(label, (math.nan, math.nan))[0] / scale
-                        cn = kern.get("none", (math.nan, math.nan))[0] / scale
-                        rows.append({
-                            "arch": job.arch, "tp": job.tp, "phase": phase, "tokens": n, "seqs": ctx.num_seqs,
-                            "unit": unit, "strategy": name, "params": json.dumps(params, sort_keys=True),
-                            "t_ms": tm, "t_p10_ms": p10, "t_p90_ms": p90, "t_blocking_ms": tb, "t_none_ms": tn,
-                            "t_comm_ms": tc, "exposed_comm_ms": tm - tn, "overlap_efficiency": efficiency(tm, tb, tn),
-                            "comm_calls": calls // scale, "stack": job.stack, "cuda_graph": graph,
-                            "device": dev.type, "card": card, "error": errors.get(label, ""),
-                            "compute_kernel_ms": ck, "compute_interference": ck / cn if cn > 0 else math.nan,
-                            "torch_compile": compiled})
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-        for s in strategies.values():
-            s.close()
-        q.put(("rows", rank, rows if rank == 0 else None))
-    except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
-    finally:
-        set_comm(None)
-        destroy_distributed()
-
-
 def _resolve_device(device: str) -> str:
     if device in ("auto", "", None):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,6 +110,7 @@ def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], ph
     tmp = tempfile.mkdtemp(prefix="nanovllm_lab_layer_")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    from nanovllm_lab.comm.layerbench_worker import _worker  # imports this module: loaded here, not at the top
     procs = [ctx.Process(target=_worker, args=(r, job, os.path.join(tmp, "rendezvous"), q), daemon=True)
              for r in range(job.tp)]
     try:
@@ -341,71 +140,6 @@ def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], ph
                 p.kill()
                 p.join()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def step_sweep(arch_name: str, tp: int, strategies: list, decode_batches=(1, 8, 32, 128, 512),
-               prefill_tokens=(512, 2048, 8192), repeats: int = 5, device: str = "auto", *,
-               decode_context: int = 128, prefill_seqs: int = 4, enforce_eager: bool = False,
-               **engine_kwargs: Any) -> list[dict]:
-    """End-to-end engine steps per strategy (one engine each): prefill steps of `prefill_tokens` tokens in
-    `prefill_seqs` fresh prompts, decode steps of `decode_batches` sequences. Rows: arch, tp, phase, tokens
-    (prefill tokens / decode batch), seqs, unit="step", strategy, params, t_ms, t_p10_ms, t_p90_ms,
-    t_blocking_ms, t_none_ms, exposed_comm_ms, overlap_efficiency, cuda_graph."""
-    from nanovllm_lab import LLM, SamplingParams
-    g = torch.Generator().manual_seed(0)
-    rows: list[dict] = []
-    for spec in strategies:
-        name, params = _spec_name_params(spec)
-        max_seq = max([-(-t // prefill_seqs) for t in prefill_tokens] + [decode_context]) + repeats + 8
-        kw = dict(tensor_parallel_size=tp, strategy=spec, load_format="dummy", device=device,
-                  enforce_eager=enforce_eager, max_num_seqs=max(*decode_batches, prefill_seqs),
-                  max_num_batched_tokens=max(max(prefill_tokens), max(decode_batches)), max_model_len=max_seq)
-        kw.update(engine_kwargs)
-        llm = LLM(arch_name, **kw)
-        records: list = []
-        llm.model_runner.step_hooks.append(records.append)
-        vocab = min(llm.config.arch.vocab_size, 50000)
-
-        def prompts(k: int, length: int) -> list[list[int]]:  # random, so the prefix cache never hits
-            return torch.randint(0, vocab, (k, length), generator=g).tolist()
-
-        def add(phase: str, n: int, seqs: int, lat: list[float], graph: bool) -> None:
-            lat = [x * 1e3 for x in lat]
-            row = {"arch": arch_name, "tp": tp, "phase": phase, "tokens": n, "seqs": seqs, "unit": "step",
-                   "strategy": name,
-                   "params": json.dumps(params, sort_keys=True), "cuda_graph": graph, "t_ms": math.nan,
-                   "t_p10_ms": math.nan, "t_p90_ms": math.nan}
-            if lat:
-                row.update(t_ms=_quantile(lat, 0.5), t_p10_ms=_quantile(lat, 0.1), t_p90_ms=_quantile(lat, 0.9))
-            rows.append(row)
-
-        try:
-            for t in prefill_tokens:
-                k = min(prefill_seqs, t)
-                lat = []
-                for i in range(repeats + 1):  # the first one warms up
-                    records.clear()
-                    lens = [t // k + (j < t % k) for j in range(k)]
-                    llm.generate([prompts(1, ln)[0] for ln in lens], SamplingParams(temperature=0, max_tokens=1),
-                                 use_tqdm=False)
-                    if i:
-                        lat += [r.latency_s for r in records if r.phase == "prefill" and r.num_tokens == t]
-                add("prefill", t, k, lat, False)
-            for b in decode_batches:
-                records.clear()
-                llm.generate(prompts(b, decode_context), SamplingParams(temperature=0, max_tokens=repeats + 2,
-                                                                        ignore_eos=True), use_tqdm=False)
-                dec = [r for r in records if r.phase == "decode" and r.num_seqs == b][1:]
-                add("decode", b, b, [r.latency_s for r in dec], any(r.cuda_graph for r in dec))
-        finally:
-            llm.exit()
-    base = {(r["phase"], r["tokens"], r["strategy"]): r["t_ms"] for r in rows if r["params"] == "{}"}
-    for r in rows:
-        tb = base.get((r["phase"], r["tokens"], "blocking"), math.nan)
-        tn = base.get((r["phase"], r["tokens"], "none"), math.nan)
-        r.update(t_blocking_ms=tb, t_none_ms=tn, exposed_comm_ms=r["t_ms"] - tn,
-                 overlap_efficiency=efficiency(r["t_ms"], tb, tn))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
