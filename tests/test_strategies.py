@@ -143,6 +143,17 @@ def test_overlap_matches_blocking_and_switches(reference, overlap_table):
     assert "symm" not in used  # not available on gloo
 
 
+def test_overlap_skips_symm_norm_where_it_cannot_run(reference):
+    """The GPU tests' table (tests/data) sends decode to symm_norm and large prefill to rsag. On gloo symm_norm
+    cannot run: overlap takes the next choice (blocking) instead of failing, and still equals blocking."""
+    path = os.path.join(os.path.dirname(__file__), "data", "overlap_symm_norm_table.json")
+    rules = load_table(path)["entries"][0]["rules"]
+    assert [c["strategy"] for c in rules["decode"][0]["choices"]] == ["symm_norm", "blocking"]
+    got = run_scenario({"name": "overlap", "table": path})
+    assert_same(got, reference, "overlap with a symm_norm table on gloo")
+    assert set(got["history"].values()) == {"blocking", "rsag"}, got["history"]
+
+
 def test_none_runs_and_flags_outputs_invalid():
     got = run_scenario("none")
     assert all(o["valid"] is False and o["text"] is None for o in got["outputs"])

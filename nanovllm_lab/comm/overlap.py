@@ -15,8 +15,8 @@ An entry matches when each of its keys matches ("*" matches anything; `card` is 
 substring of the device name; a model matches by its hidden and intermediate sizes, which identify the
 shapes that decide the timings). The most specific match wins. Within it, the first rule whose
 `max_tokens` bound (null: no bound) holds the step's token count gives an ordered list of choices; the
-first one that is available on this backend (symm needs NCCL GPUs with P2P; nothing but blocking at
-tp=1), allowed by `candidates` and applicable to this step (e.g. async needs two sequences) runs.
+first one that is available on this backend (symm and symm_norm need NCCL GPUs with P2P; nothing but
+blocking at tp=1), allowed by `candidates` and applicable to this step (e.g. async needs two sequences) runs.
 Blocking is the last resort. The choice is made in `run_layers`, once per forward pass, identically on
 every rank, so CUDA graphs capture it per batch size.
 """
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
 NOT_DELEGATES = ("overlap", "none")  # itself, and the bound that gives wrong outputs
+SYMMETRIC_MEMORY = ("symm", "symm_norm")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
 
 
 def delegates() -> list[str]:
@@ -185,9 +186,9 @@ class OverlapStrategy(CommStrategy):
             return True
         if name not in self.cfg.candidates or self.world_size == 1:
             return False
-        if name == "symm":
+        if name in SYMMETRIC_MEMORY:
             from nanovllm_lab.comm.symm import unavailable_reason
-            return unavailable_reason(self.info) is None
+            return unavailable_reason(self.info, name) is None
         return True
 
     def choose(self, layers, is_prefill: bool, num_tokens: int) -> CommStrategy:
