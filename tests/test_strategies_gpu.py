@@ -46,6 +46,9 @@ STRATEGIES = {
     "overlap": {"name": "overlap"},
     "symm_norm": {"name": "symm_norm"},
     "symm_norm-decode": {"name": "symm_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
+    # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
+    "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                   "data", "overlap_symm_norm_table.json")},
 }
 
 
@@ -64,7 +67,8 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
         llm.model_runner.sampler = recording_sampler
         out = llm.generate(BATCH_A, GREEDY, use_tqdm=False) + llm.generate(BATCH_B, GREEDY, use_tqdm=False)
         return {"tokens": [o["token_ids"] for o in out], "logits": logits,
-                "graphs": llm.model_runner.graphs is not None}
+                "graphs": llm.model_runner.graphs is not None,
+                "history": sorted(set(getattr(llm.model_runner.strategy, "history", {}).values()))}  # overlap's picks
     finally:
         if exit_engine:
             llm.exit()
@@ -105,6 +109,8 @@ def reference(dtype: str, eager: bool) -> dict:
 def test_float32_matches_blocking(key, eager):
     ref, got = reference("float32", eager), run_scenario(STRATEGIES[key], "float32", eager)
     assert got["graphs"] == (not eager)
+    if key == "overlap-symm_norm":  # the table's two delegates both ran
+        assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
     assert got["tokens"] == ref["tokens"], key
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
