@@ -24,6 +24,20 @@ def test_overlap_efficiency_and_exposed_share_against_none():
     assert math.isnan(t.loc["e", "overlap_efficiency"])  # no `none` run at tp=4: no efficiency
 
 
+def test_per_phase_step_efficiency():
+    """Where the gain is: each phase's median step against blocking's and none's (overlap: decode 10 -> 9 ms of
+    a 2 ms penalty, prefill unchanged); groups without a none run get none."""
+    runs = _runs()
+    runs["decode_latency_ms_p50"] = runs["strategy"].map({"blocking": 10.0, "none": 8.0, "overlap": 9.0, "async": 11.0})
+    runs["prefill_latency_ms_p50"] = runs["strategy"].map({"blocking": 200.0, "none": 160.0, "overlap": 202.0,
+                                                           "async": 190.0})
+    t = comparison_table(runs).set_index("run")
+    assert math.isclose(t.loc["c", "decode_step_efficiency"], 0.5)
+    assert math.isclose(t.loc["c", "prefill_step_efficiency"], -2.0 / 40.0)
+    assert t.loc["a", "decode_step_efficiency"] == 0.0 and math.isnan(t.loc["b", "decode_step_efficiency"])
+    assert math.isnan(t.loc["e", "prefill_step_efficiency"])  # tp=4 has no none run
+
+
 def test_sweep_console_shows_the_efficiency():
     df = sweep_frame(_runs()).set_index("run")
     assert math.isclose(df.loc["c", "overlap_efficiency"], (0.01 - 1 / 110) / 0.002)

@@ -2,9 +2,9 @@
 
 Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
 and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
-exposed communication (share of the run's time) follow the research guide's definitions. Runs at several tp
-sizes get their throughput as a fraction of linear scaling from tp=1. The step table does the
-same per step size for the `decode` and `prefill` workloads: median step latency per strategy (warm-up steps
+exposed communication (share of the run's time) follow the research guide's definitions, end to end and per
+phase (T = the run's median prefill or decode step). Runs at several tp sizes get their throughput as a
+fraction of linear scaling from tp=1. The step table does the same per step size for the `decode` and `prefill` workloads: median step latency per strategy (warm-up steps
 left out), and overlap efficiency and exposed communication against the blocking and none runs of the same
 workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
 per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
@@ -27,7 +27,8 @@ from nanovllm_lab.lab import plots, results
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "device", "throughput_tok_s", "speedup_vs_blocking",
-               "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
+               "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50", "prefill_step_efficiency",
+               "decode_latency_ms_p50", "decode_step_efficiency", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
 _GROUP = ["workload", "model", "tp"]
 
 
@@ -70,6 +71,15 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ok["blocking_tok_s"], 1 / ok["none_tok_s"]
     ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(ok["strategy"] != "none")
     ok["exposed_comm_share"] = ((t - t_n) / t).where(ok["strategy"] != "none")
+    # The same per phase, with T = the run's median step latency: where in a request workload the gain is.
+    for phase in ("prefill", "decode"):
+        col = f"{phase}_latency_ms_p50"
+        if col in ok:
+            ok[col] = pd.to_numeric(ok[col], errors="coerce")
+            ref = {s: ok[ok["strategy"] == s].groupby(_GROUP)[col].median().rename(s) for s in ("blocking", "none")}
+            both = ok[_GROUP].merge(pd.concat(ref.values(), axis=1).reset_index(), on=_GROUP, how="left")
+            ok[f"{phase}_step_efficiency"] = overlap_efficiency(ok[col], both["blocking"], both["none"]).where(
+                ok["strategy"] != "none")
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
 
