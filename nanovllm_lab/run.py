@@ -12,7 +12,6 @@ failed (failed jobs leave error.json). Config lives in conf/ at the repository r
 """
 from __future__ import annotations
 
-
 import hydra
 from omegaconf import DictConfig
 

@@ -4,9 +4,9 @@ Speedup over blocking compares a run's headline throughput with the blocking run
 and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
 exposed communication (share of the run's time) follow the research guide's definitions, end to end and per
 phase (T = the run's median prefill or decode step). Runs at several tp sizes get their throughput as a
-fraction of linear scaling from tp=1. The step table does the same per step size for the `decode` and `prefill` workloads: median step latency per strategy (warm-up steps
-left out), and overlap efficiency and exposed communication against the blocking and none runs of the same
-workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
+fraction of linear scaling from tp=1. The step table does the same per step size for the `decode` and
+`prefill` workloads: median step latency per strategy (warm-up steps left out), and overlap efficiency and
+exposed communication against the blocking and none runs of the same workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
 per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
 """
 from __future__ import annotations
@@ -50,36 +50,36 @@ def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -
     return (t_blocking - t) / penalty.where(penalty.abs() > 0)
 
 
+def _group_median(runs: pd.DataFrame, strategy: str, col: str) -> pd.Series:
+    """Per row of `runs` (a RangeIndex): the median `col` of its group's `strategy` runs (NaN where none ran)."""
+    med = runs[runs["strategy"] == strategy].groupby(_GROUP)[col].median().rename("_median").reset_index()
+    return runs[_GROUP].merge(med, on=_GROUP, how="left")["_median"]
+
+
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """Successful runs with their speedup over the blocking run of the same workload, model and tp."""
     if summaries.empty or "status" not in summaries:
         return pd.DataFrame(columns=RUN_COLUMNS)
-    ok = summaries[summaries["status"] == "ok"].copy()
+    ok = summaries[summaries["status"] == "ok"].reset_index(drop=True)
     if ok.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
-    ok["throughput_tok_s"] = pd.to_numeric(ok.get("throughput_tok_s"), errors="coerce")
-    base = (ok[ok["strategy"] == "blocking"].groupby(_GROUP)["throughput_tok_s"].median()
-            .rename("blocking_tok_s").reset_index())
-    ok = ok.merge(base, on=_GROUP, how="left")
-    ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / ok["blocking_tok_s"]
+    real = ok["strategy"] != "none"
     # The research guide's metrics end to end, where the group has a `none` run (the no-communication bound):
     # time per token T = 1 / throughput; overlap efficiency = (T_blocking - T) / (T_blocking - T_none), exposed
     # communication as a share of the run = (T - T_none) / T.
-    bound = (ok[ok["strategy"] == "none"].groupby(_GROUP)["throughput_tok_s"].median()
-             .rename("none_tok_s").reset_index())
-    ok = ok.merge(bound, on=_GROUP, how="left")
-    t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ok["blocking_tok_s"], 1 / ok["none_tok_s"]
-    ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(ok["strategy"] != "none")
-    ok["exposed_comm_share"] = ((t - t_n) / t).where(ok["strategy"] != "none")
+    ok["throughput_tok_s"] = pd.to_numeric(ok.get("throughput_tok_s"), errors="coerce")
+    blocking_tok_s = _group_median(ok, "blocking", "throughput_tok_s")
+    ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / blocking_tok_s
+    t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / blocking_tok_s, 1 / _group_median(ok, "none", "throughput_tok_s")
+    ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(real)
+    ok["exposed_comm_share"] = ((t - t_n) / t).where(real)
     # The same per phase, with T = the run's median step latency: where in a request workload the gain is.
     for phase in ("prefill", "decode"):
         col = f"{phase}_latency_ms_p50"
         if col in ok:
             ok[col] = pd.to_numeric(ok[col], errors="coerce")
-            ref = {s: ok[ok["strategy"] == s].groupby(_GROUP)[col].median().rename(s) for s in ("blocking", "none")}
-            both = ok[_GROUP].merge(pd.concat(ref.values(), axis=1).reset_index(), on=_GROUP, how="left")
-            ok[f"{phase}_step_efficiency"] = overlap_efficiency(ok[col], both["blocking"], both["none"]).where(
-                ok["strategy"] != "none")
+            ok[f"{phase}_step_efficiency"] = overlap_efficiency(
+                ok[col], _group_median(ok, "blocking", col), _group_median(ok, "none", col)).where(real)
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
 
@@ -170,7 +170,8 @@ def build_report(root: str | Path) -> Report:
     steps, layer = results.load_steps(root), results.load_layer(root)
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 steps=step_table(steps, summaries), scaling=scaling_table(runs), uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
+                 steps=step_table(steps, summaries), scaling=scaling_table(runs),
+                 uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     step_rows = pd.DataFrame()
     if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
         step_rows = rep.steps[rep.steps["strategy"] != "none"].rename(
