@@ -17,8 +17,9 @@ Against `symm` that is one barrier instead of two per reduction, and one kernel 
 
 Two buffers alternate: the barrier before reduction k+1 orders every peer's read of reduction k's buffer
 before anyone's GEMM k+2 overwrites it. Each step makes two reductions per layer, so each step starts on
-buffer 0. Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop; a one-shot read moves
-world x the bytes of a ring, so it is for small steps.
+buffer 0. Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop. Per rank, a one-shot read
+moves (world - 1) x the partial sum where a ring moves 2 (world - 1) / world x: the same at tp=2, 4x at tp=8.
+So the default bound keeps it to small steps; at tp=2 larger ones are worth measuring (gpu_run.sh symm_large).
 
 `local=True` runs the fused loop at tp=1 on the rank's own buffer, with no barrier and with PyTorch's add + norm
 on CPU. It exists so that CPU tests check the loop and its arithmetic against blocking. At tp>1 on gloo, asking
