@@ -77,19 +77,26 @@ def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:
     return bounds
 
 
-def micro_batch_plan(ctx: AttentionContext, num_tokens: int, world: int, micro_batches: int, min_tokens: int,
-                     policy: str) -> list[int] | None:
-    """Sequence boundaries of a step's micro-batches, or None where the step runs whole (tp=1, one
-    sequence, fewer than `min_tokens` tokens)."""
-    parts = min(micro_batches, ctx.num_seqs)
-    if world == 1 or parts < 2 or num_tokens < max(min_tokens, 2):
-        return None
-    if ctx.is_prefill:
-        cq = ctx.cu_seqlens_q_host
-        seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
-    else:
-        seq_tokens = [1] * ctx.num_seqs
-    return split_points(seq_tokens, parts, policy)
+class MicroBatchPlanning:
+    """`plan` and `applicable` of the strategies that split a step into micro-batches (async, async_rsag): their
+    configs have micro_batches, min_tokens and split. Put it before CommStrategy in the bases."""
+
+    def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
+        """Sequence boundaries of the step's micro-batches, or None where the step runs whole (tp=1, one
+        sequence, fewer than `min_tokens` tokens): the blocking fallback."""
+        cfg = self.cfg
+        parts = min(cfg.micro_batches, ctx.num_seqs)
+        if self.world_size == 1 or parts < 2 or num_tokens < max(cfg.min_tokens, 2):
+            return None
+        if ctx.is_prefill:
+            cq = ctx.cu_seqlens_q_host
+            seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
+        else:
+            seq_tokens = [1] * ctx.num_seqs
+        return split_points(seq_tokens, parts, cfg.split)
+
+    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
+        return self.plan(ctx, num_tokens) is not None
 
 
 def _last_row_parallel(module: nn.Module) -> nn.Module | None:
@@ -128,22 +135,13 @@ def _whole(layer: nn.Module, mb: _MicroBatch) -> tuple[torch.Tensor, torch.Tenso
 
 
 @register_strategy("async", AsyncConfig)
-class AsyncOverlapStrategy(CommStrategy):
+class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
     def __init__(self, cfg: AsyncConfig, info) -> None:
         super().__init__(cfg, info)
         self.reducer = SideReducer(self.device, self.world_size, cfg.comm_priority, cfg.comm_max_ctas)
         self._deferrable: set[int] | None = None  # ids of weights whose reduction may stay pending; None: eager mode
         self._staged: list[PendingReduction] = []
         self._stage_cache: dict[int, list] = {}
-
-    # -- planning ------------------------------------------------------------------------------------
-    def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
-        """Sequence boundaries of the micro-batches, or None for the blocking fallback."""
-        return micro_batch_plan(ctx, num_tokens, self.world_size, self.cfg.micro_batches, self.cfg.min_tokens,
-                                self.cfg.split)
-
-    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
-        return self.plan(ctx, num_tokens) is not None
 
     def _stages(self, layer: nn.Module) -> list[tuple[Callable, int]]:
         """(stage function, id of the weight of its final row-parallel GEMM) for one decoder layer."""

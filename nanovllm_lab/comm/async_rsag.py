@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.async_overlap import check_micro_batching, micro_batch_plan
+from nanovllm_lab.comm.async_overlap import MicroBatchPlanning, check_micro_batching
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, has_layer_parts, register_strategy
 from nanovllm_lab.comm.seqpar import all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
 from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
@@ -63,19 +63,12 @@ class _MicroBatch:
 
 
 @register_strategy("async_rsag", AsyncRsAgConfig)
-class AsyncRsAgStrategy(CommStrategy):
+class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
     def __init__(self, cfg: AsyncRsAgConfig, info) -> None:
         super().__init__(cfg, info)
         cuda = self.device.type == "cuda" and self.world_size > 1
         self.stream = comm_stream(self.device, cfg.comm_priority) if cuda else None
         self._unreduced = False  # inside run_layers: row-parallel GEMMs return their partial sums
-
-    def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
-        return micro_batch_plan(ctx, num_tokens, self.world_size, self.cfg.micro_batches, self.cfg.min_tokens,
-                                self.cfg.split)
-
-    def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
-        return self.plan(ctx, num_tokens) is not None
 
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = F.linear(x, weight, bias)
