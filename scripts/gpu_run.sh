@@ -4,7 +4,8 @@
 #                                                         [symm_large] [trace] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
-#   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2).
+#   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
+#   decode/prefill sweeps' strategies; SCALING_TP and SCALING_STRATEGIES the scaling stage's sweep.
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; each GPU test file TESTS_S,
@@ -30,6 +31,9 @@ ngpu=$(nvidia-smi -L | wc -l)
 [ -n "${HANG_DUMP_S:-}" ] && export PYTHONPATH=$PYTHONPATH:$PWD/scripts/hang_dump
 M=${MODEL:-qwen3-8b}   # the model of the tp>1 stages (qwen3-32b fits 2 x H200 too)
 TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: issue 6)
+# The step sweeps' strategies, in run order: the references and the likely winners first, so that a sweep cut by
+# its box still has them.
+STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,symm_norm,overlap,symm,rsag,async_rsag,chunked,async}
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -52,11 +56,9 @@ for stage in $stages; do
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
-    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP \
-               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
+    steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
-             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP \
-               +strategy=blocking,none,async,chunked,overlap,symm,rsag,async_rsag,symm_norm ;;
+             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
@@ -65,7 +67,8 @@ for stage in $stages; do
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
-    scaling) lab -m +experiment=tp_scaling tp=$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//') ;;
+    scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
+               ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
