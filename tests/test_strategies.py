@@ -276,6 +276,13 @@ def test_write_table_picks_fastest_within_spread(tmp_path):
     assert dec[1]["choices"][0] == {"strategy": "async", "params": {"micro_batches": 3}} and dec[1]["max_tokens"] is None
     assert [c["strategy"] for c in entry["rules"]["prefill"][0]["choices"]] == ["chunked", "blocking"]
     assert any(e["model"] == "*" for e in table["entries"])  # a new file keeps the default fallback
+    # A later decode-only sweep replaces the decode rules and keeps the prefill ones.
+    table = write_table([{"phase": "decode", "tokens": 1, "strategy": "chunked", "t_ms": 0.5}], path)
+    entry = table["entries"][0]
+    assert [c["strategy"] for c in entry["rules"]["decode"][0]["choices"]] == ["chunked", "blocking"]  # blocking: always the last choice
+    assert [c["strategy"] for c in entry["rules"]["prefill"][0]["choices"]] == ["chunked", "blocking"]
+    assert "prefill kept" in entry["source"]
+    assert sum(e["model"] == entry["model"] for e in table["entries"]) == 1
 
 
 def test_layer_sweep_rows_on_cpu():

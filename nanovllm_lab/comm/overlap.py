@@ -281,7 +281,8 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
     """Write (or update) a table at `path` from layer-sweep rows (phase, tokens, strategy, t_ms, and
     optionally t_p10_ms / t_p90_ms / t_blocking_ms / params / arch / tp / unit / card). One entry per
     (arch, tp, card); entries of the file for other keys are kept; a new file gets the default table's
-    fallback entry. Returns the table written."""
+    fallback entry. An entry's phases that the rows do not cover keep their old rules (a decode sweep written
+    after a prefill sweep updates decode only). Returns the table written."""
     if any(r.get("unit") == "layer" for r in rows):
         rows = [r for r in rows if r.get("unit", "layer") == "layer"]
     groups: dict[tuple[Any, Any, str], list[dict]] = defaultdict(list)
@@ -302,10 +303,13 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
                 entry.update(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size)
             except (FileNotFoundError, ValueError):
                 log.warning("write_table: unknown model %r; its entry matches by name only and will not be used", arch)
-        entry["rules"] = _rules_from(grp)
-        entry["source"] = f"write_table from {len(grp)} rows"
-        table["entries"] = [e for e in table["entries"]
-                            if (e.get("model", "*"), e.get("tp", "*"), e.get("card", "*")) != (arch, tp, c)]
+        same = [e for e in table["entries"] if (e.get("model", "*"), e.get("tp", "*"), e.get("card", "*")) == (arch, tp, c)]
+        new_rules = _rules_from(grp)
+        kept = {ph: r for e in same for ph, r in e.get("rules", {}).items() if ph not in new_rules}
+        entry["rules"] = {**kept, **new_rules}
+        entry["source"] = f"write_table from {len(grp)} rows ({', '.join(sorted(new_rules))})" + (
+            f"; {', '.join(sorted(kept))} kept from: {same[0].get('source', 'the previous entry')}" if kept else "")
+        table["entries"] = [e for e in table["entries"] if not any(e is x for x in same)]
         table["entries"].insert(0, entry)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
