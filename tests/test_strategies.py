@@ -281,7 +281,7 @@ def test_write_table_picks_fastest_within_spread(tmp_path):
     entry = table["entries"][0]
     assert [c["strategy"] for c in entry["rules"]["decode"][0]["choices"]] == ["chunked", "blocking"]  # blocking: always the last choice
     assert [c["strategy"] for c in entry["rules"]["prefill"][0]["choices"]] == ["chunked", "blocking"]
-    assert "prefill kept" in entry["source"]
+    assert entry["sources"] == {"decode": "write_table from 1 rows", "prefill": "write_table from 7 rows"}
     assert sum(e["model"] == entry["model"] for e in table["entries"]) == 1
 
 

@@ -307,8 +307,10 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
         new_rules = _rules_from(grp)
         kept = {ph: r for e in same for ph, r in e.get("rules", {}).items() if ph not in new_rules}
         entry["rules"] = {**kept, **new_rules}
-        entry["source"] = f"write_table from {len(grp)} rows ({', '.join(sorted(new_rules))})" + (
-            f"; {', '.join(sorted(kept))} kept from: {same[0].get('source', 'the previous entry')}" if kept else "")
+        # Where each phase's rules came from: the old entry's record for the kept phases, this call for the rest.
+        old_src = {ph: (e.get("sources") or {}).get(ph, e.get("source", "?")) for e in same for ph in kept}
+        entry["sources"] = {**old_src, **{ph: f"write_table from {len(grp)} rows" for ph in new_rules}}
+        entry["source"] = "; ".join(f"{ph}: {src}" for ph, src in sorted(entry["sources"].items()))
         table["entries"] = [e for e in table["entries"] if not any(e is x for x in same)]
         table["entries"].insert(0, entry)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
