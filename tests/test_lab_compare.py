@@ -123,9 +123,13 @@ def test_step_summary_console_and_report_figure(tmp_path):
 def test_scaling_against_linear_from_tp1():
     runs = pd.DataFrame([dict(workload="bench", model="m", strategy=s, tp=tp, throughput_tok_s=x)
                          for s, tp, x in [("blocking", 1, 100.0), ("blocking", 2, 150.0), ("blocking", 4, 200.0),
-                                          ("overlap", 2, 170.0)]])
+                                          ("overlap", 2, 170.0), ("none", 1, 110.0), ("none", 2, 200.0)]])
     t = scaling_table(runs).set_index(["strategy", "tp"])
     assert math.isclose(t.loc[("blocking", 2), "linear_scaling_fraction"], 0.75)  # 1.5x on 2 GPUs
     assert math.isclose(t.loc[("blocking", 4), "linear_scaling_fraction"], 0.5)
-    assert math.isnan(t.loc[("overlap", 2), "linear_scaling_fraction"])  # no overlap run at tp=1
+    # No overlap run at tp=1: blocking's tp=1 run is the reference (every strategy is blocking at tp=1).
+    assert math.isclose(t.loc[("overlap", 2), "linear_scaling_fraction"], 0.85)
+    assert t.loc[("overlap", 2), "tp1_strategy"] == "blocking"
+    # A strategy's own tp=1 run wins over blocking's.
+    assert math.isclose(t.loc[("none", 2), "speedup_vs_tp1"], 200 / 110) and t.loc[("none", 2), "tp1_strategy"] == "none"
     assert scaling_table(runs[runs["tp"] == 2]).empty  # one tp size: nothing to scale against

@@ -85,15 +85,24 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
 
 
 def scaling_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (workload, model, strategy) run at several tp sizes: throughput, speedup over the same strategy at
-    tp=1 and that speedup as a fraction of linear scaling (speedup / tp). Empty without several tp sizes."""
+    """Per (workload, model, strategy) run at several tp sizes: throughput, speedup over tp=1 and that speedup as
+    a fraction of linear scaling (speedup / tp). The tp=1 reference is the same strategy's tp=1 run, else
+    blocking's: at tp=1 there is nothing to reduce and every strategy runs as blocking (`tp1_strategy` says
+    which was used). Empty without several tp sizes."""
     need = {"workload", "model", "strategy", "tp", "throughput_tok_s"}
     if runs.empty or not need <= set(runs.columns) or runs["tp"].nunique() < 2:
         return pd.DataFrame()
     keys = ["workload", "model", "strategy"]
     t = runs.groupby([*keys, "tp"])["throughput_tok_s"].median().reset_index()
     base = t[t["tp"] == 1].drop(columns="tp").rename(columns={"throughput_tok_s": "tp1_tok_s"})
+    base["tp1_strategy"] = base["strategy"]
     t = t.merge(base, on=keys, how="left")
+    blocking = base[base["strategy"] == "blocking"].drop(columns="strategy")
+    t = t.merge(blocking, on=["workload", "model"], how="left", suffixes=("", "_blocking"))
+    own = t["tp1_tok_s"].notna()
+    t["tp1_tok_s"] = t["tp1_tok_s"].where(own, t["tp1_tok_s_blocking"])
+    t["tp1_strategy"] = t["tp1_strategy"].where(own, t["tp1_strategy_blocking"])
+    t = t.drop(columns=["tp1_tok_s_blocking", "tp1_strategy_blocking"])
     t["speedup_vs_tp1"] = t["throughput_tok_s"] / t["tp1_tok_s"]
     t["linear_scaling_fraction"] = t["speedup_vs_tp1"] / t["tp"]
     return t.sort_values([*keys, "tp"], kind="stable").reset_index(drop=True)
