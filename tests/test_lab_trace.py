@@ -18,7 +18,8 @@ def test_interval_union_and_intersection():
 @pytest.mark.parametrize("name", ["ncclDevKernel_AllReduce_Sum_f32_RING_LL", "void one_shot_all_reduce_kernel<float>",
                                   "two_shot_all_reduce", "symm_mem::barrier", "cross_device_reduce_1stage",
                                   "reduce_scatter_kernel", "all_gather_into_tensor", "custom_allreduce",
-                                  "_sum_add_norm_kernel",
+                                  "_sum_add_norm_kernel", "_two_shot_reduce_rows_kernel",
+                                  "_two_shot_add_norm_kernel",
                                   "void c10d::symmetric_memory::barrier_kernel(unsigned int**, int, int, int, unsigned long)"])
 def test_comm_kernel_names(name):
     assert is_comm_kernel(name)

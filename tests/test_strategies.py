@@ -170,11 +170,13 @@ def test_symm_norm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="symm_norm", **ENGINE)
 
 
-@pytest.mark.parametrize("max_tokens", [2048, 16], ids=["every_step", "decode_only"])
-def test_symm_norm_fused_loop_matches_blocking(max_tokens):
+@pytest.mark.parametrize("max_tokens, shots", [(2048, 1), (16, 1), (2048, 2)],
+                         ids=["every_step", "decode_only", "two_shot_tp1"])
+def test_symm_norm_fused_loop_matches_blocking(max_tokens, shots):
     """The fused loop (GEMMs into alternating buffers, reduce + add + norm in one call; `local` runs it at tp=1
     with PyTorch's add + norm) gives blocking's tokens and logits. With max_tokens=16 the prefill steps (up to
-    96 tokens) take the blocking loop and decode steps the fused one, in one engine."""
+    96 tokens) take the blocking loop and decode steps the fused one, in one engine. shots=2 must run too at tp=1
+    (where there is nothing to scatter; the two-shot kernels are tested in test_triton_kernels.py)."""
     ref = run_scenario("blocking", tp=1)
     llm_calls, slots = [], []
     from nanovllm_lab.comm import symm_norm
@@ -187,7 +189,7 @@ def test_symm_norm_fused_loop_matches_blocking(max_tokens):
 
     symm_norm.SymmNormStrategy._reduce = counting
     try:
-        got = run_scenario({"name": "symm_norm", "local": True, "max_tokens": max_tokens}, tp=1)
+        got = run_scenario({"name": "symm_norm", "local": True, "max_tokens": max_tokens, "shots": shots}, tp=1)
     finally:
         symm_norm.SymmNormStrategy._reduce = orig
     # The two buffers alternate, across steps too (the cross-rank safety argument in comm/symm_norm.py).
@@ -227,6 +229,8 @@ def test_unknown_strategy_lists_the_valid_names():
     ({"name": "async", "split": "rows"}, ValueError, "split"),
     ({"name": "symm", "one_shot_max_bytes": -5}, ValueError, "one_shot_max_bytes"),
     ({"name": "symm_norm", "max_tokens": 0}, ValueError, "max_tokens"),
+    ({"name": "symm_norm", "shots": 3}, ValueError, "shots must be 1 .* or 2 .*, got 3"),
+    ({"name": "symm_norm", "shots": True}, ValueError, "shots"),
     ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
     ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),
 ])

@@ -46,6 +46,8 @@ STRATEGIES = {
     "overlap": {"name": "overlap"},
     "symm_norm": {"name": "symm_norm"},
     "symm_norm-decode": {"name": "symm_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
+    # two-shot at every step: each rank sums its half of a step's rows (an odd count splits unevenly: 7 = 4 + 3)
+    "symm_norm-two-shot": {"name": "symm_norm", "shots": 2},
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
     "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                    "data", "overlap_symm_norm_table.json")},
@@ -116,7 +118,7 @@ def test_float32_matches_blocking(key, eager):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
 
 
-@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm"])
+@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
     assert got["tokens"][0][0] == ref["tokens"][0][0]

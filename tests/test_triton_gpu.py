@@ -1,8 +1,11 @@
-"""Triton attention kernels on a CUDA GPU in bfloat16, against the plain-PyTorch backend (fp32 reference).
+"""Triton kernels on a CUDA GPU in bfloat16: attention against the plain-PyTorch backend (fp32 reference), and
+the fused all-reduce + add + RMSNorm kernels on one GPU with the ranks simulated.
 
 Skipped without CUDA. Checks the relative error ||out - ref|| / ||ref|| <= 1e-2 for decode and prefill (with
 and without cached context), block sizes 16 and 256, head dims 64 and 128, and that decode can be captured
-in a CUDA graph whose replay matches eager execution, also after the inputs change in place.
+in a CUDA graph whose replay matches eager execution, also after the inputs change in place. The all-reduce
+kernels must round like torch (the Triton interpreter cannot check that: it truncates to bf16) and two-shot
+must give one-shot's bits.
 """
 import math
 
@@ -20,6 +23,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from nanovllm_lab.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from nanovllm_lab.kernels import decode_attention as _dec  # noqa: E402
+from nanovllm_lab.kernels.allreduce_norm import (sum_add_norm, two_shot_add_norm,  # noqa: E402
+                                                 two_shot_reduce_rows)
 from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from nanovllm_lab.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from nanovllm_lab.utils.context import AttentionContext  # noqa: E402
@@ -159,3 +164,28 @@ def test_decode_cuda_graph_replay_matches_eager(num_splits):
         torch.cuda.synchronize()
         eager = paged_decode_attention(q, kc, vc, bt, ctx_lens, 0.1, num_splits=num_splits)
         assert torch.equal(out, eager)
+
+
+# -- fused all-reduce + residual add + RMSNorm, the ranks simulated by tensors on one GPU -------------------
+@pytest.mark.parametrize("world, n, hidden", [(2, 1, 1024), (2, 7, 5120), (4, 3, 4000), (4, 130, 5120),
+                                              (8, 512, 4096)])
+def test_two_shot_matches_one_shot_and_rounds_like_torch(world, n, hidden):
+    g = torch.Generator().manual_seed(world * 1000 + n)
+    bufs = [torch.randn((n, hidden), generator=g).to(DEV, BF16) for _ in range(world)]
+    residual = torch.randn((n, hidden), generator=g).to(DEV, BF16)
+    weight = (1 + 0.1 * torch.randn((hidden,), generator=g)).to(DEV, BF16)
+    acc = bufs[0].float()
+    for b in bufs[1:]:  # float32, rank order, then torch's round-to-nearest-even: what an all-reduce returns
+        acc = acc + b.float()
+    exact = acc.to(BF16)
+    one_sum, _ = sum_add_norm(bufs, None, None, 0.0)
+    one_out, one_res = sum_add_norm(bufs, residual, weight, 1e-6)
+    assert torch.equal(one_sum, exact)
+    assert torch.equal(one_res, (exact.float() + residual.float()).to(BF16))
+    sums = [torch.full((n, hidden), float("nan"), dtype=BF16, device=DEV) for _ in range(world)]
+    for r in range(world):
+        two_shot_reduce_rows(bufs, sums[r], r)
+    two_sum, _ = two_shot_add_norm(sums, None, None, 0.0)
+    out, res = two_shot_add_norm(sums, residual, weight, 1e-6)
+    assert torch.equal(two_sum, exact)
+    assert torch.equal(out, one_out) and torch.equal(res, one_res)

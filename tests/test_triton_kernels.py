@@ -1,5 +1,5 @@
 """Triton kernels vs their plain-PyTorch references, on CPU under the Triton interpreter: attention (the
-torch backend) and the fused all-reduce + add + RMSNorm (comm.symm_norm's reference).
+torch backend) and the fused all-reduce + add + RMSNorm, one-shot and two-shot (comm.symm_norm's reference).
 
 TRITON_INTERPRET must be set before triton (or any kernel module) is imported, because `@triton.jit`
 decides at decoration time whether a kernel is compiled or interpreted. Shapes are small: the interpreter
@@ -20,7 +20,9 @@ from nanovllm_lab.attention.torch_backend import TorchAttentionBackend, store_kv
 from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference  # noqa: E402
 from nanovllm_lab.kernels import store_kv as _store_mod  # noqa: E402
-from nanovllm_lab.kernels.allreduce_norm import sum_add_norm  # noqa: E402
+from nanovllm_lab.kernels import allreduce_norm  # noqa: E402
+from nanovllm_lab.kernels.allreduce_norm import (row_shard, sum_add_norm, two_shot_add_norm,  # noqa: E402
+                                                 two_shot_reduce_rows)
 from nanovllm_lab.layers.layernorm import RMSNorm  # noqa: E402
 from nanovllm_lab.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from nanovllm_lab.kernels.store_kv import store_kvcache  # noqa: E402
@@ -251,3 +253,71 @@ def test_sum_add_norm_rejects_mismatched_buffers():
         sum_add_norm([a, torch.zeros(3, 8)], a, None, 1e-6)
     with pytest.raises(ValueError, match="1 to 8 buffers"):
         sum_add_norm([a] * 9, a, None, 1e-6)
+
+
+# Two-shot: ranks simulated by lists of tensors. world 3 gives uneven shards; n < world leaves ranks owning nothing.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
+def test_two_shot_is_bit_identical_to_one_shot(dtype, world, n, norm, monkeypatch):
+    # 32-column reduce-scatter blocks over 72 columns: three column blocks, the last one partly masked.
+    monkeypatch.setattr(allreduce_norm, "_REDUCE_BLOCK", 32)
+    hidden, g = 72, _gen(1000 + world * 10 + n)
+    bufs = [_randn((n, hidden), dtype, g) for _ in range(world)]
+    residual = _randn((n, hidden), dtype, g)
+    layer = None
+    if norm:
+        layer = RMSNorm(hidden, 1e-6).to(dtype)
+        layer.weight.data = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype)
+    weight = layer.weight if norm else None
+    one_out, one_res = sum_add_norm(bufs, residual, weight, 1e-6)
+    one_sum, _ = sum_add_norm(bufs, None, None, 0.0)
+
+    # Kernel A on every rank, into sum buffers poisoned with NaN: each must fill exactly its own rows.
+    sums = [torch.full((n, hidden), float("nan"), dtype=dtype) for _ in range(world)]
+    for r in range(world):
+        two_shot_reduce_rows(bufs, sums[r], r)
+    shard = row_shard(n, world)
+    for r in range(world):
+        mine = torch.zeros(n, dtype=torch.bool)
+        mine[r * shard: (r + 1) * shard] = True
+        assert torch.equal(sums[r][mine], one_sum[mine]), r  # the rounded sum, bit for bit
+        assert torch.isnan(sums[r][~mine]).all(), r  # other rows untouched
+    # Kernel B: every rank passes the same buffers (its mappings of them) and an equal residual, so one call
+    # stands for each; a row read from a rank that does not own it would be NaN.
+    out, res = two_shot_add_norm(sums, residual, weight, 1e-6)
+    assert torch.equal(out, one_out)
+    ref_out, ref_res = sum_add_norm_reference(bufs, residual, layer)
+    _check(out, ref_out, dtype)  # bf16 within tolerance only: see test_sum_add_norm_matches_the_unfused_path
+    if norm:
+        assert torch.equal(res, one_res)
+        _check(res, ref_res, dtype)
+    else:
+        assert res is residual
+
+
+def test_row_shards_cover_every_row_once():
+    for world in range(1, 9):
+        for n in range(20):
+            shard = row_shard(n, world)
+            owned = [i for r in range(world) for i in range(r * shard, min(n, (r + 1) * shard))]
+            assert owned == list(range(n)), (world, n)
+
+
+def test_two_shot_rejects_bad_arguments():
+    a = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="rank must be in"):
+        two_shot_reduce_rows([a, a], torch.zeros(4, 8), 2)
+    with pytest.raises(ValueError, match=r"sum buffer must be a contiguous \[4, 8\]"):
+        two_shot_reduce_rows([a, a], torch.zeros(4, 16)[:, :8], 0)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        two_shot_add_norm([a, torch.zeros(4, 8, dtype=torch.bfloat16)], a, None, 1e-6)
+    with pytest.raises(ValueError, match=r"residual must be \[4, 8\]"):
+        two_shot_add_norm([a, a], torch.zeros(3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match=r"norm weight must be \[8\]"):
+        two_shot_add_norm([a, a], a, torch.ones(9), 1e-6)
+    empty = torch.zeros(0, 8)
+    two_shot_reduce_rows([empty, empty], empty.clone(), 1)  # no rows: nothing to launch, no division by zero
+    out, res = two_shot_add_norm([empty, empty], empty, torch.ones(8), 1e-6)
+    assert out.shape == res.shape == (0, 8)

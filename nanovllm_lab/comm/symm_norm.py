@@ -10,20 +10,42 @@ the communication penalty, and it gives blocking's tokens over NCCL in float32 a
 Per half-layer:
 - The row-parallel GEMM writes its partial sum straight into this rank's symmetric buffer.
 - A barrier then makes every rank's partial visible.
-- One kernel (kernels/allreduce_norm.py) reads the row from every peer over NVLink, sums it, adds the
-  residual, and writes the new residual and the RMSNorm output for the next block.
+- `shots=1` (one-shot, the default): one kernel (kernels/allreduce_norm.py) reads the row from every peer over
+  NVLink, sums it, adds the residual, and writes the new residual and the RMSNorm output for the next block.
+- `shots=2` (two-shot): a first kernel sums the rows this rank owns (a 1/world share of them) from every peer
+  into this rank's symmetric sum buffer; a second barrier; a second kernel reads each row's sum from its owner
+  and adds + normalises it. Its results are bit-identical to one-shot's.
 
-Against `symm` that is one barrier instead of two per reduction, and one kernel fewer: no separate add + norm.
+Against `symm` one-shot is one barrier instead of two per reduction, and one kernel fewer: no separate add + norm.
+Per rank, a one-shot read moves (world - 1) x the partial sum where two-shot (like a ring) moves
+2 (world - 1) / world x: the same at tp=2, 3x against 1.5x at tp=4, 7x against 1.75x at tp=8. On 4 x H200
+(qwen3-32b, tp=4 decode) one-shot was best at batch 1-32 and lost its edge at 128 and 512 (slower than NCCL at
+512); two-shot pays a second barrier and launch for half the bytes, so it is meant for those batches. shots=2 is
+built and tested on CPU (kernels under the Triton interpreter, ranks simulated) but has not yet run on a GPU:
+the default stays 1 until it is measured (tests/test_strategies_gpu.py has its case).
 
-Two buffers alternate: the barrier before reduction k+1 orders every peer's read of reduction k's buffer
-before anyone's GEMM k+2 overwrites it. Each step makes two reductions per layer, so each step starts on
-buffer 0. Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop. Per rank, a one-shot read
-moves (world - 1) x the partial sum where a ring moves 2 (world - 1) / world x: the same at tp=2, 4x at tp=8.
-So the default bound keeps it to small steps; at tp=2 larger ones are worth measuring (gpu_run.sh symm_large).
+Buffers: slots [0, 1] of each rank's buffer take the partial sums of alternate reductions; with shots=2 slots
+[2, 3] take the owners' sums, alternating with them (reduction k uses slots k % 2 and 2 + k % 2). Each step
+makes two reductions per layer, so each step starts on slot 0. On rank r's stream, reduction k is: GEMM k
+(writes r's partial slot), barrier 1, one-shot kernel (reads every rank's partial) or kernel A (reads every
+rank's partial at r's rows, writes r's sum slot there), then for two-shot barrier 2 and kernel B (reads every
+owner's sum slot). A rank passes a barrier only once every peer has reached it, i.e. has finished everything
+before it on its stream. Hence no buffer is overwritten while a peer still reads it:
+- one-shot, partial slot k % 2: peers read it in reduction k's kernel, before their barrier 1 of reduction k+1.
+  Rank r writes that slot next in GEMM k+2, after passing that barrier (GEMM k+1 writes the other slot: with
+  one slot, a fast rank's GEMM k+1 could overwrite rows a slow peer is still reading).
+- two-shot, partial slot: peers read it in kernel A of reduction k, before their barrier 2 of reduction k.
+  Rank r writes any partial slot next in GEMM k+1, after passing that barrier.
+- two-shot, sum slot 2 + k % 2: peers read it in kernel B of reduction k, before their barrier 1 of reduction
+  k+1. Rank r writes any sum slot next in kernel A of reduction k+1, after passing that barrier.
+So with two barriers a single partial slot and a single sum slot would already be safe; they alternate anyway,
+because the GEMMs and the one-shot path share the slot logic and the spare slots cost only memory. Steps of more
+than `max_tokens` tokens, and tp=1, run the blocking loop (they touch no slot). The default bound keeps the
+fused path to small steps; at tp=2 larger ones are worth measuring (gpu_run.sh symm_large).
 
 `local=True` runs the fused loop at tp=1 on the rank's own buffer, with no barrier and with PyTorch's add + norm
-on CPU. It exists so that CPU tests check the loop and its arithmetic against blocking. At tp>1 on gloo, asking
-for this strategy is a clear error, as for `symm`.
+on CPU; shots=2 changes nothing at tp=1 (there is nothing to scatter). It exists so that CPU tests check the loop
+and its arithmetic against blocking. At tp>1 on gloo, asking for this strategy is a clear error, as for `symm`.
 """
 from __future__ import annotations
 
@@ -42,14 +64,18 @@ _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the kernel (a named error fro
 @dataclass(frozen=True)
 class SymmNormConfig(StrategyConfig):
     name: str = "symm_norm"
-    max_tokens: int = 2048  # fused path up to this many tokens per step (the buffers hold 2 x this many rows)
+    max_tokens: int = 2048  # fused path up to this many tokens per step (buffers: 2, shots=2: 4 x this many rows)
     local: bool = False     # tp=1: run the fused loop anyway (tests)
+    shots: int = 1          # 1: one kernel reads every peer's rows; 2: reduce-scatter + all-gather (large batches)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"strategy {self.name!r}: max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.local, bool):
             raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
+        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots not in (1, 2):
+            raise ValueError(f"strategy {self.name!r}: shots must be 1 (one-shot) or 2 (two-shot), "
+                             f"got {self.shots!r}")
 
 
 def sum_add_norm_reference(bufs: list[torch.Tensor], residual: torch.Tensor | None,
@@ -67,18 +93,22 @@ class SymmNormStrategy(CommStrategy):
         reason = unavailable_reason(info, "symm_norm")
         if reason is not None:
             raise ValueError(reason)
-        self.peers: list[torch.Tensor] = []  # every rank's [2, capacity, hidden] buffers (own one included)
+        self.peers: list[torch.Tensor] = []  # every rank's [slots, capacity, hidden] buffers (own one included)
         self.handle = None
         self.group_name = ""
         self._slot = -1  # >= 0 inside the fused loop: row-parallel GEMMs write their partial sums there
         self._fused = None  # the Triton kernel's wrapper on cuda (imported once: triton exists there)
+        # Two-shot only where there is something to scatter: at tp=1 (`local`) one-shot is the add + norm alone.
+        self._two_shot = cfg.shots == 2 and self.world_size > 1
         if self.device.type == "cuda":
-            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
-            self._fused = sum_add_norm
+            from nanovllm_lab.kernels import allreduce_norm as k
+            self._fused = k.sum_add_norm
+            self._reduce_rows, self._add_norm = k.two_shot_reduce_rows, k.two_shot_add_norm
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         capacity = min(self.cfg.max_tokens, max_tokens)
-        shape = (2, capacity, hidden_size)
+        slots = 4 if self._two_shot else 2  # [0, 1] partial sums; two-shot: [2, 3] the owners' sums
+        shape = (slots, capacity, hidden_size)
         if self.world_size == 1:
             if self.cfg.local:
                 self.peers = [torch.empty(shape, dtype=dtype, device=self.device)]
@@ -87,7 +117,7 @@ class SymmNormStrategy(CommStrategy):
             return
         import torch.distributed as dist
         self.group_name = dist.group.WORLD.group_name
-        _, self.handle = rendezvous_buffer(2 * capacity * hidden_size, dtype, self.device)
+        _, self.handle = rendezvous_buffer(slots * capacity * hidden_size, dtype, self.device)
         self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(self.world_size)]
 
     def applicable(self, ctx, num_tokens: int) -> bool:
@@ -106,7 +136,13 @@ class SymmNormStrategy(CommStrategy):
             if self.handle is not None:
                 self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-            out = self._fused(bufs, residual, weight, eps)
+            if self._two_shot:
+                sums = [p[2 + self._slot, :n] for p in self.peers]
+                self._reduce_rows(bufs, sums[self.rank], self.rank)  # this rank's rows, from every rank
+                self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)  # every owner's sums visible
+                out = self._add_norm(sums, residual, weight, eps)  # every row, from its owner
+            else:
+                out = self._fused(bufs, residual, weight, eps)
         else:
             out = sum_add_norm_reference(bufs, residual, norm)
         self._slot ^= 1
