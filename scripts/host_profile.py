@@ -87,7 +87,7 @@ def main() -> None:
     print(f"  {'host, not waiting':36s} {host:7.3f} s  {1e3 * host / max(len(recs), 1):6.3f} ms/step")
     print(f"  {'device idle (wall - step records)':36s} {wall - dev:7.3f} s")
     pre = [r for r in recs if r.phase == "prefill"]
-    print(f"  prefill steps (tokens: ms): " + ", ".join(f"{r.num_tokens}: {r.latency_s * 1e3:.0f}" for r in pre))
+    print("  prefill steps (tokens: ms): " + ", ".join(f"{r.num_tokens}: {r.latency_s * 1e3:.0f}" for r in pre))
     slow = sorted(recs, key=lambda r: -r.latency_s)[:5]
     print("  slowest steps: " + ", ".join(f"{r.phase} b={r.num_seqs} {r.latency_s * 1e3:.0f} ms" for r in slow))
     # Decode step time against batch size: the fixed per-step cost is what small batches pay.

@@ -101,7 +101,7 @@ def main() -> None:
         recs.clear()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(prompts, sps, use_tqdm=False)
-        print(f"profiled: the whole generate (prefill kernels included), per decode step:")
+        print("profiled: the whole generate (prefill kernels included), per decode step:")
         kernel_table(prof, max(1, sum(r.phase == "decode" for r in recs)), a.top)
         llm.exit()
         del llm

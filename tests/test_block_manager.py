@@ -1,7 +1,6 @@
 """Unit tests of the paged block manager and the scheduler, with small fakes."""
 from __future__ import annotations
 
-import pytest
 
 from nanovllm_lab.engine.block_manager import BlockManager, chain_hash
 from nanovllm_lab.engine.scheduler import Scheduler

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
