@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
-#                                                         [symm_large] [trace] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
+#                                                         [symm_large] [two_shot] [trace] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
@@ -64,6 +64,11 @@ for stage in $stages; do
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
              # `prefill` and `bench`, and compare with those (python -m nanovllm_lab.report DIR1 DIR2 ...).
              [ "$ngpu" -ge 2 ] && lab -m workload=prefill,bench model=$M tp=$TP +strategy=symm_norm strategy.max_tokens=16384 ;;
+    two_shot)  # symm_norm's two-shot mode (shots=2: ring bytes, two barriers) against one-shot and the references,
+             # at decode: one-shot lost its edge at batch >= 128 at tp=4 (session 6). Two multiruns (a strategy
+             # parameter cannot sweep alongside strategies that lack it).
+             [ "$ngpu" -ge 2 ] && { stage=two_shot_refs lab -m workload=decode model=$M tp=$TP +strategy=blocking,none,symm
+               stage=two_shot lab -m workload=decode model=$M tp=$TP +strategy=symm_norm strategy.shots=2,1; } ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
