@@ -9,12 +9,15 @@ all-reduces, so a missing wait shows up as wrong numbers. Engines are module-sco
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from nanovllm_lab import LLM, SamplingParams
 from nanovllm_lab.comm.async_overlap import split_points
@@ -43,8 +46,33 @@ def _one_thread_per_rank():
         os.environ["OMP_NUM_THREADS"] = old_env
 
 
+COUNTED = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Rank 0's calls of the collectives a strategy can issue (this process is rank 0; every rank takes the
+    same path). Equal outputs alone cannot tell a strategy from a silent fallback to blocking."""
+    counts: collections.Counter = collections.Counter()
+    saved = {name: getattr(dist, name) for name in COUNTED}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return saved[name](*args, **kwargs)
+        return call
+    for name in COUNTED:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
 def run_scenario(strategy, tp: int = 2) -> dict:
-    """Batch A then the prefix-sharing batch B through one engine: tokens, per-step logits, cache hits."""
+    """Batch A then the prefix-sharing batch B through one engine: tokens, per-step logits, cache hits, and the
+    collectives rank 0 issued."""
     llm = LLM("tiny", strategy=strategy, **{**ENGINE, "tensor_parallel_size": tp})
     try:
         logits: list[torch.Tensor] = []
@@ -55,12 +83,14 @@ def run_scenario(strategy, tp: int = 2) -> dict:
             return sampler(lg, temps, gen)
 
         llm.model_runner.sampler = recording_sampler
-        out_a = llm.generate(BATCH_A, GREEDY, use_tqdm=False)
-        hits_before = llm.scheduler.block_manager.num_cache_hit_tokens
-        out_b = llm.generate(BATCH_B, GREEDY, use_tqdm=False)
+        with counting_collectives() as collectives:
+            out_a = llm.generate(BATCH_A, GREEDY, use_tqdm=False)
+            hits_before = llm.scheduler.block_manager.num_cache_hit_tokens
+            out_b = llm.generate(BATCH_B, GREEDY, use_tqdm=False)
         return {"outputs": out_a + out_b, "tokens": [o["token_ids"] for o in out_a + out_b], "logits": logits,
                 "cache_hits": llm.scheduler.block_manager.num_cache_hit_tokens - hits_before,
-                "history": dict(getattr(llm.model_runner.strategy, "history", {}))}
+                "history": dict(getattr(llm.model_runner.strategy, "history", {})),
+                "collectives": dict(collectives)}
     finally:
         llm.exit()
 
@@ -117,11 +147,32 @@ def test_reference_scenario_hits_the_edge_cases(reference):
     assert all(o["text"] is not None for o in reference["outputs"])
 
 
+def more_all_reduces(got: dict, ref: dict) -> bool:  # micro-batches / chunks: one reduction per part
+    return got.get("all_reduce", 0) > ref.get("all_reduce", 0)
+
+
+def sharded(got: dict, ref: dict) -> bool:  # reduce-scatter + all-gather in place of (some) all-reduces
+    return got.get("reduce_scatter_tensor", 0) > 0 and got.get("all_reduce", 0) < ref.get("all_reduce", 0)
+
+
+# What each strategy must be seen doing, beyond giving blocking's outputs.
+OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
+            "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
+            "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded}
+
+
+def test_reference_issues_all_reduces(reference):
+    assert reference["collectives"].get("all_reduce", 0) > 0 and "reduce_scatter_tensor" not in reference["collectives"]
+
+
 @pytest.mark.parametrize("key", list(STRATEGIES))
 def test_strategy_matches_blocking(key, reference):
     got = run_scenario(STRATEGIES[key])
     assert got["cache_hits"] == reference["cache_hits"]
     assert_same(got, reference, key)
+    assert OWN_PATH[key](got["collectives"], reference["collectives"]), (
+        f"{key} gave blocking's outputs without taking its own path: {got['collectives']} against blocking's "
+        f"{reference['collectives']}")
 
 
 @pytest.mark.parametrize("key", ["blocking", "async", "chunked-3", "rsag", "async_rsag"])
