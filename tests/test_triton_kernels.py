@@ -225,17 +225,22 @@ def test_prefill_with_cached_context(dtype, block_size, group, q_lens, k_lens):
 
 
 # -- fused all-reduce + residual add + RMSNorm ------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("world, n, hidden", [(1, 1, 64), (2, 5, 80), (3, 2, 64), (8, 3, 48)])
-@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
-def test_sum_add_norm_matches_the_unfused_path(dtype, world, n, hidden, norm):
-    g = _gen(world * 100 + n)
+def _fused_inputs(world: int, n: int, hidden: int, dtype, g, norm: bool):
+    """One [n, hidden] partial sum per simulated rank, a residual, and an RMSNorm layer (None without norm)."""
     bufs = [_randn((n, hidden), dtype, g) for _ in range(world)]
     residual = _randn((n, hidden), dtype, g)
     layer = None
     if norm:
         layer = RMSNorm(hidden, 1e-6).to(dtype)
         layer.weight.data = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype)
+    return bufs, residual, layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world, n, hidden", [(1, 1, 64), (2, 5, 80), (3, 2, 64), (8, 3, 48)])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
+def test_sum_add_norm_matches_the_unfused_path(dtype, world, n, hidden, norm):
+    bufs, residual, layer = _fused_inputs(world, n, hidden, dtype, _gen(world * 100 + n), norm)
     out, res = sum_add_norm(bufs, residual, layer.weight if norm else None, 1e-6)
     ref_out, ref_res = sum_add_norm_reference(bufs, residual, layer)
     _check(out, ref_out, dtype)
@@ -263,13 +268,8 @@ def test_sum_add_norm_rejects_mismatched_buffers():
 def test_two_shot_is_bit_identical_to_one_shot(dtype, world, n, norm, monkeypatch):
     # 32-column reduce-scatter blocks over 72 columns: three column blocks, the last one partly masked.
     monkeypatch.setattr(allreduce_norm, "_REDUCE_BLOCK", 32)
-    hidden, g = 72, _gen(1000 + world * 10 + n)
-    bufs = [_randn((n, hidden), dtype, g) for _ in range(world)]
-    residual = _randn((n, hidden), dtype, g)
-    layer = None
-    if norm:
-        layer = RMSNorm(hidden, 1e-6).to(dtype)
-        layer.weight.data = (1 + 0.1 * _randn((hidden,), torch.float32, g)).to(dtype)
+    hidden = 72
+    bufs, residual, layer = _fused_inputs(world, n, hidden, dtype, _gen(1000 + world * 10 + n), norm)
     weight = layer.weight if norm else None
     one_out, one_res = sum_add_norm(bufs, residual, weight, 1e-6)
     one_sum, _ = sum_add_norm(bufs, None, None, 0.0)
