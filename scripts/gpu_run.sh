@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
-#                                                         [symm_large] [two_shot] [trace] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
+#                                                         [symm_large] [two_shot] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
@@ -72,6 +72,10 @@ for stage in $stages; do
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
+    trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
+             # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
+             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=[512,2048,8192]" \
+               workload.repeats=2 +strategy=blocking,none,symm_norm,async,rsag ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;

@@ -42,6 +42,7 @@ def test_partial_overlap():
     assert s["exposed_comm_us"] == pytest.approx(50)
     assert s["trace_concurrency"] == pytest.approx(30 / 80)
     assert s["kernel_span_us"] == 200
+    assert s["device_idle_us"] == 0 and s["device_busy_fraction"] == 1.0  # [0,200) always has a kernel running
     assert s["exposed_comm_us_per_step"] == pytest.approx(25)
     assert s["top_comm_kernels"] == [{"name": "ncclDevKernel_AllReduce", "count": 1, "total_us": 80}]
 
@@ -52,6 +53,14 @@ def test_overlapping_comm_kernels_are_not_double_counted():
     s = analyze_events(events)
     assert s["comm_kernel_us"] == 20 and s["comm_busy_us"] == 15
     assert s["trace_concurrency"] == 1.0 and s["exposed_comm_us"] == 0
+
+
+def test_device_idle_is_the_span_with_no_kernel():
+    # gemm [0,10), nccl [10,15), then nothing until gemm [40,50): 25 of the 50 us idle (a launch-bound step)
+    s = analyze_events([("gemm", 0, 10, "kernel"), ("nccl", 10, 5, "kernel"), ("gemm", 40, 10, "kernel"),
+                        ("aten::mm", 15, 25, "cpu_op")])
+    assert s["kernel_span_us"] == 50 and s["device_idle_us"] == pytest.approx(25)
+    assert s["device_busy_fraction"] == pytest.approx(0.5)
 
 
 def test_fully_exposed_and_empty():

@@ -11,6 +11,9 @@ the same kernels in lockstep) and exports a Chrome trace (open it in chrome://tr
 - concurrent communication: |union(comm) intersect union(compute)|; trace concurrency = that / comm busy time.
 - exposed communication (trace view): comm busy time with no compute kernel running. The headline
   definition (T_strategy - T_none) comes from timings, not traces: see the layer workload.
+- device idle: the part of the kernel span with no kernel at all running. A large share means the host,
+  not the GPU, sets the pace (launch-bound eager steps; session 6's tp=4 prefill steps up to 2048 tokens were
+  suspected of it). A long NCCL kernel in a host-bound run is mostly waiting for a slower rank to launch its half.
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
     compute_u = union((ev.start_us, ev.start_us + ev.dur_us) for ev in compute)
     comm_busy, concurrent = length(comm_u), length(intersect(comm_u, compute_u))
     span = (max(ev.start_us + ev.dur_us for ev in kernels) - min(ev.start_us for ev in kernels)) if kernels else 0.0
+    busy = length(union((ev.start_us, ev.start_us + ev.dur_us) for ev in kernels))
     out: dict[str, Any] = {
         "num_kernels": len(kernels), "num_comm_kernels": len(comm), "num_compute_kernels": len(compute),
         "compute_kernel_us": float(sum(ev.dur_us for ev in compute)),
@@ -96,6 +100,7 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         "concurrent_comm_us": concurrent, "exposed_comm_us": comm_busy - concurrent,
         "trace_concurrency": concurrent / comm_busy if comm_busy > 0 else 0.0,
         "kernel_span_us": float(span),
+        "device_idle_us": float(span - busy), "device_busy_fraction": busy / span if span > 0 else 0.0,
         "top_comm_kernels": _top(comm), "top_compute_kernels": _top(compute),
     }
     if num_steps:
