@@ -221,6 +221,24 @@ def test_symm_norm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="symm_norm", **ENGINE)
 
 
+def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
+    """On a (faked) NCCL group with peer access but a torch without symm_mem's all-reduce ops, symm is refused
+    naming the missing op, and symm_norm, which never calls them, is not."""
+    import types
+
+    from nanovllm_lab.comm import symm
+    from nanovllm_lab.distributed.parallel import ParallelInfo
+    monkeypatch.setattr(symm.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(symm.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    monkeypatch.setattr(torch.ops, "symm_mem", types.SimpleNamespace())  # no ops at all
+    info = ParallelInfo(rank=0, world_size=2, device="cuda:0")
+    assert "one_shot_all_reduce" in symm.unavailable_reason(info, "symm")
+    assert symm.unavailable_reason(info, "symm_norm") is None
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    assert "peer access" in symm.unavailable_reason(info, "symm_norm")
+
+
 @pytest.mark.parametrize("max_tokens, shots", [(2048, 1), (16, 1), (2048, 2)],
                          ids=["every_step", "decode_only", "two_shot_tp1"])
 def test_symm_norm_fused_loop_matches_blocking(max_tokens, shots):

@@ -54,8 +54,13 @@ class SymmConfig(StrategyConfig):
                 raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 0, got {v!r}")
 
 
+# The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm
+# only maps the buffers and runs its own kernels, so a torch without those ops must not rule it out.
+NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": ()}
+
+
 def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
-    """Why symmetric-memory reductions cannot run in this process group (None: they can)."""
+    """Why strategy `name`'s symmetric-memory reductions cannot run in this process group (None: they can)."""
     if info.world_size == 1:
         return None
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "no process group"
@@ -66,7 +71,7 @@ def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError as e:
         return f"strategy '{name}' needs torch.distributed._symmetric_memory, which this torch lacks ({e})"
-    for op in ("one_shot_all_reduce", "two_shot_all_reduce_"):
+    for op in NEEDED_OPS.get(name, NEEDED_OPS["symm"]):
         if not hasattr(torch.ops.symm_mem, op):
             return f"strategy '{name}' needs torch.ops.symm_mem.{op}, which this torch {torch.__version__} lacks"
     me = torch.device(info.device).index or 0
