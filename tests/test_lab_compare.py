@@ -3,7 +3,8 @@ import math
 
 import pandas as pd
 
-from nanovllm_lab.lab.compare import comparison_table, scaling_table, step_table
+from nanovllm_lab.comm.layerbench import efficiency
+from nanovllm_lab.lab.compare import comparison_table, overlap_efficiency, scaling_table, step_table
 from nanovllm_lab.lab.console import sweep_frame
 
 
@@ -12,6 +13,15 @@ def _runs() -> pd.DataFrame:
             ("d", 4, "blocking", 100.0), ("e", 4, "async", 90.0)]
     return pd.DataFrame([dict(run=r, status="ok", workload="bench", model="m", tp=tp, strategy=s, throughput_tok_s=x)
                          for r, tp, s, x in rows])
+
+
+def test_overlap_efficiency_one_rule_for_series_and_scalars():
+    """Where none is not faster than blocking there is no penalty to recover: NaN, not a sign-flipped number."""
+    t, tb, tn = [9.0, 9.0, 9.0], [10.0, 10.0, 10.0], [8.0, 10.0, 11.0]
+    got = overlap_efficiency(pd.Series(t), pd.Series(tb), pd.Series(tn)).tolist()
+    want = [efficiency(a, b, c) for a, b, c in zip(t, tb, tn)]
+    assert got[0] == want[0] == 0.5
+    assert all(math.isnan(x) for x in got[1:] + want[1:])
 
 
 def test_overlap_efficiency_and_exposed_share_against_none():

@@ -45,9 +45,11 @@ class Report:
 
 
 def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -> pd.Series:
-    """(T_blocking - T) / (T_blocking - T_none), element-wise; NaN where blocking and none take the same time."""
+    """(T_blocking - T) / (T_blocking - T_none), element-wise; NaN where there is no communication penalty to
+    recover (none not faster than blocking: noise would flip the sign). comm.layerbench.efficiency is the same
+    rule for one value."""
     penalty = t_blocking - t_none
-    return (t_blocking - t) / penalty.where(penalty.abs() > 0)
+    return (t_blocking - t) / penalty.where(penalty > 0)
 
 
 def _group_median(runs: pd.DataFrame, strategy: str, col: str) -> pd.Series:
