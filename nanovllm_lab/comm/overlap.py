@@ -277,6 +277,11 @@ def _rules_from(rows: list[dict]) -> dict[str, list[dict]]:
     return rules
 
 
+def _entry_key(entry: dict) -> tuple[Any, Any, Any]:
+    """What write_table writes one entry per: (model, tp, card), "*" where absent."""
+    return entry.get("model", "*"), entry.get("tp", "*"), entry.get("card", "*")
+
+
 def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
     """Write (or update) a table at `path` from layer-sweep rows (phase, tokens, strategy, t_ms, and
     optionally t_p10_ms / t_p90_ms / t_blocking_ms / params / arch / tp / unit / card). One entry per
@@ -303,7 +308,7 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
                 entry.update(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size)
             except (FileNotFoundError, ValueError):
                 log.warning("write_table: unknown model %r; its entry matches by name only and will not be used", arch)
-        same = [e for e in table["entries"] if (e.get("model", "*"), e.get("tp", "*"), e.get("card", "*")) == (arch, tp, c)]
+        same = [e for e in table["entries"] if _entry_key(e) == (arch, tp, c)]
         new_rules = _rules_from(grp)
         kept = {ph: r for e in same for ph, r in e.get("rules", {}).items() if ph not in new_rules}
         entry["rules"] = {**kept, **new_rules}
@@ -311,7 +316,7 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
         old_src = {ph: (e.get("sources") or {}).get(ph, e.get("source", "?")) for e in same for ph in kept}
         entry["sources"] = {**old_src, **{ph: f"write_table from {len(grp)} rows" for ph in new_rules}}
         entry["source"] = "; ".join(f"{ph}: {src}" for ph, src in sorted(entry["sources"].items()))
-        table["entries"] = [e for e in table["entries"] if not any(e is x for x in same)]
+        table["entries"] = [e for e in table["entries"] if _entry_key(e) != (arch, tp, c)]
         table["entries"].insert(0, entry)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
