@@ -131,6 +131,9 @@ STRATEGIES = {
     # micro-batches with odd token counts (padded shards), 3 parts by sequences, one-token decode micro-batches
     "async_rsag": {"name": "async_rsag", "min_tokens": 1},
     "async_rsag-3-seqs": {"name": "async_rsag", "micro_batches": 3, "split": "seqs", "min_tokens": 1},
+    # the copy-engine transport's slot logic, its peers' rows fetched by an all-gather on gloo
+    "async_ce": {"name": "async_ce", "emulate": True, "min_tokens": 1},
+    "async_ce-3-layer": {"name": "async_ce", "emulate": True, "micro_batches": 3, "stages": "layer", "min_tokens": 1},
 }
 
 
@@ -155,10 +158,16 @@ def sharded(got: dict, ref: dict) -> bool:  # reduce-scatter + all-gather in pla
     return got.get("reduce_scatter_tensor", 0) > 0 and got.get("all_reduce", 0) < ref.get("all_reduce", 0)
 
 
+def through_slots(got: dict, ref: dict) -> bool:  # async_ce emulated: all-gathers of the slots replace all-reduces
+    return (got.get("all_gather_into_tensor", 0) > ref.get("all_gather_into_tensor", 0)
+            and got.get("all_reduce", 0) < ref.get("all_reduce", 0))
+
+
 # What each strategy must be seen doing, beyond giving blocking's outputs.
 OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
             "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
-            "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded}
+            "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded,
+            "async_ce": through_slots, "async_ce-3-layer": through_slots}
 
 
 def test_reference_issues_all_reduces(reference):
@@ -221,6 +230,11 @@ def test_symm_norm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="symm_norm", **ENGINE)
 
 
+def test_async_ce_on_cpu_tp2_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'async_ce' needs CUDA GPUs with peer access.*gloo on cpu"):
+        LLM("tiny", strategy="async_ce", **ENGINE)
+
+
 def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     """On a (faked) NCCL group with peer access but a torch without symm_mem's all-reduce ops, symm is refused
     naming the missing op, and symm_norm, which never calls them, is not."""
@@ -234,6 +248,7 @@ def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     monkeypatch.setattr(torch.ops, "symm_mem", types.SimpleNamespace())  # no ops at all
     info = ParallelInfo(rank=0, world_size=2, device="cuda:0")
     assert "one_shot_all_reduce" in symm.unavailable_reason(info, "symm")
+    assert symm.unavailable_reason(info, "async_ce") is None  # copies and a barrier: no symm_mem collective
     assert symm.unavailable_reason(info, "symm_norm") is None
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
     assert "peer access" in symm.unavailable_reason(info, "symm_norm")
@@ -277,7 +292,7 @@ def test_every_strategy_runs_at_tp1():
     kw = {**ENGINE, "tensor_parallel_size": 1}
     results = {}
     for s in ["blocking", "symm", {"name": "async", "min_tokens": 1}, {"name": "chunked", "min_tokens_per_chunk": 1},
-              "overlap", "symm_norm"]:
+              "overlap", "symm_norm", "async_ce"]:
         with LLM("tiny", strategy=s, **kw) as llm:
             results[str(s)] = [o["token_ids"] for o in llm.generate(BATCH_A[:3], GREEDY, use_tqdm=False)]
     assert all(r == results["blocking"] for r in results.values()), results
@@ -300,6 +315,8 @@ def test_unknown_strategy_lists_the_valid_names():
     ({"name": "symm_norm", "max_tokens": 0}, ValueError, "max_tokens"),
     ({"name": "symm_norm", "shots": 3}, ValueError, "shots must be 1 .* or 2 .*, got 3"),
     ({"name": "symm_norm", "shots": True}, ValueError, "shots"),
+    ({"name": "async_ce", "emulate": "yes"}, ValueError, "emulate must be true or false"),
+    ({"name": "async_ce", "micro_batches": 0}, ValueError, "micro_batches"),
     ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
     ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),
 ])

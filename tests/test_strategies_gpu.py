@@ -48,6 +48,9 @@ STRATEGIES = {
     "symm_norm-decode": {"name": "symm_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
     # two-shot at every step: each rank sums its half of a step's rows (an odd count splits unevenly: 7 = 4 + 3)
     "symm_norm-two-shot": {"name": "symm_norm", "shots": 2},
+    # copy-engine reductions (eager steps; CUDA-graph capture takes the NCCL path), 2 and 3 micro-batches
+    "async_ce": {"name": "async_ce", "min_tokens": 1},
+    "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
     "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                    "data", "overlap_symm_norm_table.json")},
@@ -70,6 +73,7 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
         out = llm.generate(BATCH_A, GREEDY, use_tqdm=False) + llm.generate(BATCH_B, GREEDY, use_tqdm=False)
         return {"tokens": [o["token_ids"] for o in out], "logits": logits,
                 "graphs": llm.model_runner.graphs is not None,
+                "copies": getattr(llm.model_runner.strategy, "copies", None),  # async_ce: reductions by copy engine
                 "history": sorted(set(getattr(llm.model_runner.strategy, "history", {}).values()))}  # overlap's picks
     finally:
         if exit_engine:
@@ -113,12 +117,15 @@ def test_float32_matches_blocking(key, eager):
     assert got["graphs"] == (not eager)
     if key == "overlap-symm_norm":  # the table's two delegates both ran
         assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
+    if key.startswith("async_ce"):  # its own path, not the NCCL fallback
+        assert got["copies"] > 0, got["copies"]
     assert got["tokens"] == ref["tokens"], key
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
 
 
-@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot"])
+@pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot",
+                                 "async_ce"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
     assert got["tokens"][0][0] == ref["tokens"][0][0]
@@ -173,17 +180,18 @@ def _symm_worker(rank: int, init_file: str, q) -> None:
         q.put((rank, traceback.format_exc()))
 
 
-def test_symm_sums_match_nccl():
+def _two_ranks(target) -> dict:
+    """Run target(rank, init_file, queue) on two spawned ranks; their results by rank."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_symm_worker, args=(r, os.path.join(tmp, "rdv"), q)) for r in range(2)]
+        procs = [ctx.Process(target=target, args=(r, os.path.join(tmp, "rdv"), q)) for r in range(2)]
         for p in procs:
             p.start()
         try:
             results = dict(q.get(timeout=300) for _ in procs)
         except queue.Empty:
-            pytest.fail("symm workers did not answer in 300 s")
+            pytest.fail(f"{target.__name__} workers did not answer in 300 s")
         finally:
             for p in procs:
                 p.join(timeout=30)
@@ -191,11 +199,64 @@ def test_symm_sums_match_nccl():
                     p.kill()
     for rank, res in results.items():
         assert isinstance(res, dict), f"rank {rank}:\n{res}"
+    return results
+
+
+def test_symm_sums_match_nccl():
+    results = _two_ranks(_symm_worker)
+    for rank, res in results.items():
+        assert isinstance(res, dict), f"rank {rank}:\n{res}"
         for key, err in res.items():
             if key[-1] == "calls":
                 assert err["nccl"] == 0 and err[key[0]] > 0, (rank, key, err)
             else:
                 assert err <= 0.05, (rank, key, err)  # bf16 sums of two partials: rounding only
+
+
+
+def _ce_worker(rank: int, init_file: str, q) -> None:
+    """async_ce's copy-engine reductions against NCCL's, at sizes past the tiny model's: 24 reductions issued
+    two at a time in flight, as interleaved micro-batches do, so every slot is reused several times and the
+    compute stream overwrites slots while the peer may still be copying older ones. Each GEMM's input is
+    scaled by its index: a stale slot read shows up as the wrong multiple."""
+    try:
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        from nanovllm_lab.comm.async_ce import AsyncCeConfig, AsyncCeStrategy
+        from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
+        info = init_distributed(rank, 2, "cuda", init_file)
+        dev = torch.device(info.device)
+        s = AsyncCeStrategy(AsyncCeConfig(), info)
+        s.prepare(4096, 2048, torch.bfloat16)
+        g = torch.Generator(device=dev).manual_seed(rank)
+        w = torch.randn(2048, 1024, device=dev, dtype=torch.bfloat16, generator=g) / 32
+        errs, pending = [], []
+        s.reducer.fork()
+        for i in range(24):
+            n = (4096, 1, 3000, 17)[i % 4]
+            x = torch.randn(n, 1024, device=dev, dtype=torch.bfloat16, generator=g) * (1 + i)
+            ref = F.linear(x, w)
+            dist.all_reduce(ref)
+            pending.append((s._issue(x, w, None), ref))
+            if len(pending) == 2:  # the older one is consumed while the newer one is in flight
+                p, r = pending.pop(0)
+                errs.append(((p.wait().float() - r.float()).abs().max() / r.float().abs().max()).item())
+        for p, r in pending:
+            errs.append(((p.wait().float() - r.float()).abs().max() / r.float().abs().max()).item())
+        s.reducer.join()
+        torch.cuda.synchronize(dev)
+        q.put((rank, {"errs": errs, "copies": s.copies}))
+        s.close()
+        destroy_distributed()
+    except BaseException:
+        q.put((rank, traceback.format_exc()))
+
+
+def test_async_ce_sums_match_nccl():
+    for rank, res in _two_ranks(_ce_worker).items():
+        assert res["copies"] == 24, (rank, res)
+        assert max(res["errs"]) <= 0.02, (rank, res["errs"])  # bf16 rounding of the sum, relative to its max
 
 
 if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE eager|graph RESULT_PATH

@@ -160,13 +160,17 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._deferrable is None:
             return super().row_parallel(x, weight, bias)
-        y = F.linear(x, weight, bias)
-        pending = self.reducer.issue(y)
+        pending = self._issue(x, weight, bias)
+        y = pending.tensor
         if id(weight) in self._deferrable:
             self._staged.append(pending)  # the stage returns y; its consumer waits (lazily) in run_layers
         else:
             pending.wait()  # consumed inside the stage
         return y
+
+    def _issue(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> PendingReduction:
+        """The GEMM on the compute stream and its reduction left in flight (async_ce replaces the transport)."""
+        return self.reducer.issue(F.linear(x, weight, bias))
 
     def _run_stage(self, fn: Callable, final_weight: int, layer: nn.Module, mb: _MicroBatch) -> None:
         set_context(mb.ctx)

@@ -54,9 +54,9 @@ class SymmConfig(StrategyConfig):
                 raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 0, got {v!r}")
 
 
-# The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm
-# only maps the buffers and runs its own kernels, so a torch without those ops must not rule it out.
-NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": ()}
+# The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm and
+# async_ce only map the buffers (and use the handle's barrier), so a torch without those ops must not rule them out.
+NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": (), "async_ce": ()}
 
 
 def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
