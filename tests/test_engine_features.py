@@ -104,3 +104,28 @@ def test_warm_up_prefill_with_context_writes_nothing(qwen3_dir, reference):
         runner.kv_cache.zero_()
         outs = [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert outs == reference
+
+
+def test_step_input_pickles_by_value_not_through_shared_memory():
+    """Worker ranks get each step's tensors in the message itself. torch's multiprocessing reducers (shared
+    memory, descriptors fetched from rank 0's resource-sharer thread) made workers wait for rank 0's GIL while
+    it launched kernels (engine/inputs.py)."""
+    from multiprocessing.reduction import ForkingPickler
+    import pickle
+
+    from nanovllm_lab.engine.inputs import prepare_prefill
+    from nanovllm_lab.engine.sequence import Sequence
+    seqs = []
+    for n in (5, 9):
+        s = Sequence(list(range(1, n + 1)), SamplingParams(temperature=0.5), 16)
+        s.block_table = [3, 7]
+        s.num_scheduled_tokens = n
+        seqs.append(s)
+    step = prepare_prefill(seqs, block_size=16)
+    blob = bytes(ForkingPickler.dumps(step))  # what multiprocessing's Connection.send writes
+    assert b"rebuild_storage" not in blob and b"rebuild_tensor" not in blob
+    back = pickle.loads(blob)
+    assert back.cu_seqlens_q == step.cu_seqlens_q == [0, 5, 14]
+    for name in ("input_ids", "positions", "slot_mapping", "temperatures"):
+        got, want = getattr(back, name), getattr(step, name)
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), name
