@@ -81,8 +81,9 @@ for stage in $stages; do
                +strategy=blocking,overlap,none,symm_norm ;;
     trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
-             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=[512,2048,8192]" \
-               workload.repeats=2 +strategy=blocking,none,symm_norm,async,rsag ;;
+             # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once)
+             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
+               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,symm_norm,async,rsag} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;

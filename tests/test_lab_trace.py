@@ -89,3 +89,15 @@ def test_compute_interference_split_by_kernel_name():
                ("_decode_partial_kernel", 1500.0), ("one_shot_all_reduce_kernel", 300.0)]
     compute, comm = split_kernel_ms(kernels, calls=3)
     assert compute == pytest.approx(1.5) and comm == pytest.approx(0.4)
+
+
+def test_copy_engine_transfers_count_as_communication():
+    """async_ce's reductions are peer memcpy events, not kernels: they must count as communication (and as
+    device activity); host-to-device input copies must not."""
+    events = [("gemm", 0, 10, "kernel"), ("Memcpy DtoD (Device -> Device)", 5, 10, "gpu_memcpy"),
+              ("Memcpy HtoD (Pageable -> Device)", 20, 3, "gpu_memcpy"), ("add", 15, 2, "kernel")]
+    s = analyze_events(events)
+    assert s["num_ce_copies"] == 1 and s["ce_copy_us"] == pytest.approx(10)
+    assert s["comm_busy_us"] == pytest.approx(10) and s["concurrent_comm_us"] == pytest.approx(5)
+    assert s["exposed_comm_us"] == pytest.approx(5)
+    assert s["device_idle_us"] == pytest.approx(0) and s["kernel_span_us"] == pytest.approx(17)

@@ -11,6 +11,9 @@ the same kernels in lockstep) and exports a Chrome trace (open it in chrome://tr
 - concurrent communication: |union(comm) intersect union(compute)|; trace concurrency = that / comm busy time.
 - exposed communication (trace view): comm busy time with no compute kernel running. The headline
   definition (T_strategy - T_none) comes from timings, not traces: see the layer workload.
+- copy-engine transfers: device-to-device and peer-to-peer memcpy events (torch.profiler's `gpu_memcpy`
+  category) are communication too: async_ce moves its reductions with them, on no SM. Host-device copies are not
+  counted. `ce_copy_us` is their summed duration.
 - device idle: the part of the kernel span with no kernel at all running. A large share means the host,
   not the GPU, sets the pace (launch-bound eager steps; session 6's tp=4 prefill steps up to 2048 tokens were
   suspected of it). A long NCCL kernel in a host-bound run is mostly waiting for a slower rank to launch its half.
@@ -28,6 +31,12 @@ from nanovllm_lab.comm.interference import COMM_KERNEL_RE, is_comm_kernel  # noq
 from nanovllm_lab.lab.results import atomic_write
 
 KERNEL_CATEGORIES = frozenset({"kernel"})  # torch.profiler's Chrome-trace category of device kernels
+MEMCPY_CATEGORY = "gpu_memcpy"
+
+
+def is_ce_transfer(ev: "TraceEvent") -> bool:
+    """A copy-engine transfer between GPU buffers (own or a peer's), as async_ce's reductions issue them."""
+    return ev.category == MEMCPY_CATEGORY and any(k in ev.name for k in ("DtoD", "PtoP", "Device -> Device", "Peer"))
 
 
 class TraceEvent(NamedTuple):
@@ -83,10 +92,12 @@ def _top(events: list[TraceEvent], n: int = 10) -> list[dict[str, Any]]:
 
 def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None = None) -> dict[str, Any]:
     """Compute/communication kernel times and their concurrency from trace events (all times in us)."""
-    kernels = [TraceEvent(*ev) for ev in events]
-    kernels = [ev for ev in kernels if ev.category in KERNEL_CATEGORIES]
-    comm = [ev for ev in kernels if is_comm_kernel(ev.name)]
+    events = [TraceEvent(*ev) for ev in events]
+    copies = [ev for ev in events if is_ce_transfer(ev)]
+    kernels = [ev for ev in events if ev.category in KERNEL_CATEGORIES]
     compute = [ev for ev in kernels if not is_comm_kernel(ev.name)]
+    comm = [ev for ev in kernels if is_comm_kernel(ev.name)] + copies
+    kernels = kernels + copies  # "kernels" below: everything that occupies the device
     comm_u = union((ev.start_us, ev.start_us + ev.dur_us) for ev in comm)
     compute_u = union((ev.start_us, ev.start_us + ev.dur_us) for ev in compute)
     comm_busy, concurrent = length(comm_u), length(intersect(comm_u, compute_u))
@@ -96,6 +107,7 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         "num_kernels": len(kernels), "num_comm_kernels": len(comm), "num_compute_kernels": len(compute),
         "compute_kernel_us": float(sum(ev.dur_us for ev in compute)),
         "comm_kernel_us": float(sum(ev.dur_us for ev in comm)),
+        "num_ce_copies": len(copies), "ce_copy_us": float(sum(ev.dur_us for ev in copies)),
         "compute_busy_us": length(compute_u), "comm_busy_us": comm_busy,
         "concurrent_comm_us": concurrent, "exposed_comm_us": comm_busy - concurrent,
         "trace_concurrency": concurrent / comm_busy if comm_busy > 0 else 0.0,
