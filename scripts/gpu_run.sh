@@ -74,7 +74,7 @@ for stage in $stages; do
              # steps), then symm_norm fused at those sizes. Two multiruns (max_tokens is symm_norm's alone).
              [ "$ngpu" -ge 2 ] && { stage=ce lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=${CE_STRATEGIES:-blocking,none,async_ce,async}
-               stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
+               [ "${CE_SYMM_LARGE:-1}" = 1 ] && stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \

@@ -90,6 +90,8 @@ def run_scenario(strategy, tp: int = 2) -> dict:
         return {"outputs": out_a + out_b, "tokens": [o["token_ids"] for o in out_a + out_b], "logits": logits,
                 "cache_hits": llm.scheduler.block_manager.num_cache_hit_tokens - hits_before,
                 "history": dict(getattr(llm.model_runner.strategy, "history", {})),
+                "counters": {k: getattr(llm.model_runner.strategy, k) for k in ("copies", "fused")
+                             if hasattr(llm.model_runner.strategy, k)},  # async_ce's own counts
                 "collectives": dict(collectives)}
     finally:
         llm.exit()
@@ -161,6 +163,16 @@ def sharded(got: dict, ref: dict) -> bool:  # reduce-scatter + all-gather in pla
 def through_slots(got: dict, ref: dict) -> bool:  # async_ce emulated: all-gathers of the slots replace all-reduces
     return (got.get("all_gather_into_tensor", 0) > ref.get("all_gather_into_tensor", 0)
             and got.get("all_reduce", 0) < ref.get("all_reduce", 0))
+
+
+def test_async_ce_sums_inside_the_norm():
+    """With stages="half" each pending copy-engine reduction is consumed by the next stage's RMSNorm, which
+    sums the parts itself (no separate add); with stages="layer" o_proj's reduction is summed by an add."""
+    half = run_scenario({"name": "async_ce", "emulate": True, "min_tokens": 1})["counters"]
+    layer = run_scenario({"name": "async_ce", "emulate": True, "min_tokens": 1, "stages": "layer"})["counters"]
+    # all but each micro-batch's last reduction of the stack (tiny: 4 layers, 8 reductions each: 7 of 8)
+    assert half["copies"] > half["fused"] >= 0.75 * half["copies"], half
+    assert layer["copies"] > 0 and layer["fused"] == 0, layer
 
 
 # What each strategy must be seen doing, beyond giving blocking's outputs.

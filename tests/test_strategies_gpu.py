@@ -74,6 +74,7 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
         return {"tokens": [o["token_ids"] for o in out], "logits": logits,
                 "graphs": llm.model_runner.graphs is not None,
                 "copies": getattr(llm.model_runner.strategy, "copies", None),  # async_ce: reductions by copy engine
+                "fused": getattr(llm.model_runner.strategy, "fused", None),    # async_ce: summed inside the norm
                 "history": sorted(set(getattr(llm.model_runner.strategy, "history", {}).values()))}  # overlap's picks
     finally:
         if exit_engine:
@@ -117,8 +118,8 @@ def test_float32_matches_blocking(key, eager):
     assert got["graphs"] == (not eager)
     if key == "overlap-symm_norm":  # the table's two delegates both ran
         assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
-    if key.startswith("async_ce"):  # its own path, not the NCCL fallback
-        assert got["copies"] > 0, got["copies"]
+    if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
+        assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
     assert got["tokens"] == ref["tokens"], key
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
@@ -218,12 +219,14 @@ def _ce_worker(rank: int, init_file: str, q) -> None:
     """async_ce's copy-engine reductions against NCCL's, at sizes past the tiny model's: 24 reductions issued
     two at a time in flight, as interleaved micro-batches do, so every slot is reused several times and the
     compute stream overwrites slots while the peer may still be copying older ones. Each GEMM's input is
-    scaled by its index: a stale slot read shows up as the wrong multiple."""
+    scaled by its index: a stale slot read shows up as the wrong multiple. Odd reductions are summed by the
+    fused kernel from the parts (as a stage's RMSNorm does), even ones by the pending's own add."""
     try:
         import torch.distributed as dist
         import torch.nn.functional as F
 
         from nanovllm_lab.comm.async_ce import AsyncCeConfig, AsyncCeStrategy
+        from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
         from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
         info = init_distributed(rank, 2, "cuda", init_file)
         dev = torch.device(info.device)
@@ -238,12 +241,15 @@ def _ce_worker(rank: int, init_file: str, q) -> None:
             x = torch.randn(n, 1024, device=dev, dtype=torch.bfloat16, generator=g) * (1 + i)
             ref = F.linear(x, w)
             dist.all_reduce(ref)
-            pending.append((s._issue(x, w, None), ref))
+            pending.append((s._issue(x, w, None), ref, i % 2))
+
+            def check(p, r, fused):
+                got = sum_add_norm(p.wait_parts(), None, None, 0.0)[0] if fused else p.wait()
+                errs.append(((got.float() - r.float()).abs().max() / r.float().abs().max()).item())
             if len(pending) == 2:  # the older one is consumed while the newer one is in flight
-                p, r = pending.pop(0)
-                errs.append(((p.wait().float() - r.float()).abs().max() / r.float().abs().max()).item())
-        for p, r in pending:
-            errs.append(((p.wait().float() - r.float()).abs().max() / r.float().abs().max()).item())
+                check(*pending.pop(0))
+        for item in pending:
+            check(*item)
         s.reducer.join()
         torch.cuda.synchronize(dev)
         q.put((rank, {"errs": errs, "copies": s.copies}))

@@ -161,12 +161,10 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
         if self._deferrable is None:
             return super().row_parallel(x, weight, bias)
         pending = self._issue(x, weight, bias)
-        y = pending.tensor
         if id(weight) in self._deferrable:
-            self._staged.append(pending)  # the stage returns y; its consumer waits (lazily) in run_layers
-        else:
-            pending.wait()  # consumed inside the stage
-        return y
+            self._staged.append(pending)  # the stage returns its tensor; its consumer waits (lazily) in run_layers
+            return pending.tensor
+        return pending.wait()  # consumed inside the stage
 
     def _issue(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> PendingReduction:
         """The GEMM on the compute stream and its reduction left in flight (async_ce replaces the transport)."""
@@ -175,7 +173,7 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
     def _run_stage(self, fn: Callable, final_weight: int, layer: nn.Module, mb: _MicroBatch) -> None:
         set_context(mb.ctx)
         if mb.pending is not None:  # this micro-batch's last reduction must land before its next stage reads it
-            mb.pending.wait()
+            mb.hidden = mb.pending.wait()
             mb.pending = None
         self._deferrable, self._staged = {final_weight}, []
         try:
@@ -209,7 +207,7 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
                         self._run_stage(fn, final_weight, layer, mb)
             for mb in mbs:
                 if mb.pending is not None:
-                    mb.pending.wait()
+                    mb.hidden = mb.pending.wait()
         finally:
             self.reducer.join()  # inside graph capture the side stream must merge back before capture ends
             set_context(ctx)
