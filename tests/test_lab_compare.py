@@ -2,6 +2,7 @@
 import math
 
 import pandas as pd
+import pytest
 
 from nanovllm_lab.comm.layerbench import efficiency
 from nanovllm_lab.lab.compare import comparison_table, overlap_efficiency, scaling_table, step_table
@@ -143,3 +144,27 @@ def test_scaling_against_linear_from_tp1():
     # A strategy's own tp=1 run wins over blocking's.
     assert math.isclose(t.loc[("none", 2), "speedup_vs_tp1"], 200 / 110) and t.loc[("none", 2), "tp1_strategy"] == "none"
     assert scaling_table(runs[runs["tp"] == 2]).empty  # one tp size: nothing to scale against
+
+
+def test_trace_table_gives_compute_interference_against_none():
+    """Traced runs of one sweep: per-step busy times in ms, and compute interference = compute busy time over
+    the traced `none` run's, minus one; a group without a traced `none` gets NaN."""
+    from nanovllm_lab.lab.compare import trace_table
+
+    def run(strategy, compute_us, comm_us, exposed_us, tp=2, ce_us=0.0):
+        return {"run": f"{strategy}_tp{tp}", "status": "ok", "workload": "prefill", "model": "qwen3-8b", "tp": tp,
+                "strategy": strategy, "trace_compute_busy_us_per_step": compute_us,
+                "trace_comm_busy_us_per_step": comm_us, "trace_exposed_comm_us_per_step": exposed_us,
+                "trace_comm_busy_us": 3 * comm_us, "trace_ce_copy_us": 3 * ce_us, "trace_concurrency": 0.5,
+                "trace_device_busy_fraction": 0.9}
+    summaries = pd.DataFrame([run("none", 200_000, 800, 800), run("async_ce", 212_000, 65_000, 4_400, ce_us=27_000),
+                              run("blocking", 196_000, 38_000, 38_000), run("blocking", 100_000, 9_000, 9_000, tp=4),
+                              {"run": "untraced", "status": "ok", "workload": "prefill", "model": "qwen3-8b",
+                               "tp": 2, "strategy": "async", "trace_compute_busy_us_per_step": float("nan")}])
+    t = trace_table(summaries).set_index(["tp", "strategy"])
+    assert ("2", "async") not in t.index and (2, "async") not in t.index  # not profiled
+    assert t.loc[(2, "async_ce"), "compute_interference"] == pytest.approx(0.06)
+    assert t.loc[(2, "blocking"), "compute_interference"] == pytest.approx(-0.02)
+    assert pd.isna(t.loc[(2, "none"), "compute_interference"]) and pd.isna(t.loc[(4, "blocking"), "compute_interference"])
+    assert t.loc[(2, "async_ce"), "exposed_comm_ms"] == pytest.approx(4.4)
+    assert t.loc[(2, "async_ce"), "ce_copy_share"] == pytest.approx(27 / 65)

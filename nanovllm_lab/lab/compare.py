@@ -39,6 +39,7 @@ class Report:
     failed: pd.DataFrame                     # one row per failed run
     layer: pd.DataFrame                      # layer rows, pivoted per strategy
     steps: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode/prefill step latencies per size
+    traces: pd.DataFrame = field(default_factory=pd.DataFrame)  # profiled runs: busy times, compute interference
     scaling: pd.DataFrame = field(default_factory=pd.DataFrame)  # throughput against linear scaling from tp=1
     figures: dict[str, Figure] = field(default_factory=dict)
     uses_wandb: bool = False
@@ -162,6 +163,38 @@ def overlap_rows_from_steps(table: pd.DataFrame) -> list[dict]:
              "t_p90_ms": r.t_p90_ms, "t_blocking_ms": r.t_blocking_ms} for r in table.itertuples(index=False)]
 
 
+# trace summary field (per step, us) -> report column (ms)
+_TRACE_MS = {"trace_compute_busy_us_per_step": "compute_busy_ms", "trace_comm_busy_us_per_step": "comm_busy_ms",
+             "trace_exposed_comm_us_per_step": "exposed_comm_ms"}
+
+
+def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Per profiled run (trace=true), per step: compute and communication busy time, communication with no compute
+    beside it (the trace view of exposed communication), the share of communication that overlapped compute, and
+    compute interference: compute busy time over that of the `none` run of the same workload, model and tp,
+    minus one (how much the communication running beside the compute slowed it; NaN without a traced `none`)."""
+    need = {"trace_compute_busy_us_per_step", "strategy", *_GROUP}
+    if summaries.empty or not need <= set(summaries.columns):
+        return pd.DataFrame()
+    ok = summaries[summaries["trace_compute_busy_us_per_step"].notna()]
+    if "status" in ok:
+        ok = ok[ok["status"] == "ok"]
+    ok = ok.reset_index(drop=True)
+    if ok.empty:
+        return pd.DataFrame()
+    out = ok[[c for c in ("run", *_GROUP, "strategy") if c in ok]].copy()
+    for src, dst in _TRACE_MS.items():
+        out[dst] = pd.to_numeric(ok.get(src), errors="coerce") / 1e3
+    out["trace_concurrency"] = ok.get("trace_concurrency")
+    out["ce_copy_share"] = (pd.to_numeric(ok.get("trace_ce_copy_us"), errors="coerce")
+                            / pd.to_numeric(ok.get("trace_comm_busy_us"), errors="coerce"))
+    out["device_busy_fraction"] = ok.get("trace_device_busy_fraction")
+    ok = ok.assign(trace_compute_busy_us_per_step=pd.to_numeric(ok["trace_compute_busy_us_per_step"]))
+    none = _group_median(ok, "none", "trace_compute_busy_us_per_step")
+    out["compute_interference"] = (ok["trace_compute_busy_us_per_step"] / none - 1).where(ok["strategy"] != "none")
+    return out.sort_values([*_GROUP, "strategy"], kind="stable").reset_index(drop=True)
+
+
 def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency and
     (where profiled, on cuda) compute interference."""
@@ -181,7 +214,7 @@ def build_report(root: str | Path) -> Report:
     steps, layer = results.load_steps(root), results.load_layer(root)
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 steps=step_table(steps, summaries), scaling=scaling_table(runs),
+                 steps=step_table(steps, summaries), scaling=scaling_table(runs), traces=trace_table(summaries),
                  uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     step_rows = pd.DataFrame()
     if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
@@ -225,7 +258,7 @@ def write_report(rep: Report, out: str | Path) -> Path:
         results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         images[name] = f"{assets.name}/{path.name}"
     sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("TP scaling", rep.scaling),
-                ("Step latencies", rep.steps), ("Layer sweep", rep.layer)]
+                ("Step latencies", rep.steps), ("Traces (per step)", rep.traces), ("Layer sweep", rep.layer)]
     if out.suffix == ".md":
         parts = [f"# nanovllm_lab report: {rep.root}\n"]
         for title, df in sections:

@@ -119,6 +119,7 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         out["num_steps"] = num_steps
         out["exposed_comm_us_per_step"] = out["exposed_comm_us"] / num_steps
         out["comm_busy_us_per_step"] = comm_busy / num_steps
+        out["compute_busy_us_per_step"] = out["compute_busy_us"] / num_steps
     return out
 
 
