@@ -226,6 +226,15 @@ def test_overlap_skips_symm_norm_where_it_cannot_run(reference):
     assert set(got["history"].values()) == {"blocking", "rsag"}, got["history"]
 
 
+def test_overlap_skips_async_ce_where_it_cannot_run(reference):
+    """The bench's table shape (symm_norm for decode, async_ce for prefill; tests/data): on gloo neither can run,
+    so overlap runs blocking throughout instead of failing."""
+    got = run_scenario({"name": "overlap", "table": os.path.join(os.path.dirname(__file__), "data",
+                                                                 "overlap_async_ce_table.json")})
+    assert_same(got, reference, "overlap with an async_ce table on gloo")
+    assert set(got["history"].values()) == {"blocking"}, got["history"]
+
+
 def test_none_runs_and_flags_outputs_invalid():
     got = run_scenario("none")
     assert all(o["valid"] is False and o["text"] is None for o in got["outputs"])

@@ -54,6 +54,9 @@ STRATEGIES = {
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
     "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                    "data", "overlap_symm_norm_table.json")},
+    # overlap as the bench runs it since session 7: symm_norm for decode, async_ce for prefill
+    "overlap-async_ce": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "data", "overlap_async_ce_table.json")},
 }
 
 
@@ -118,6 +121,8 @@ def test_float32_matches_blocking(key, eager):
     assert got["graphs"] == (not eager)
     if key == "overlap-symm_norm":  # the table's two delegates both ran
         assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
+    if key == "overlap-async_ce":
+        assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
         assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
     assert got["tokens"] == ref["tokens"], key
