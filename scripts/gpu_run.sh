@@ -33,7 +33,7 @@ M=${MODEL:-qwen3-8b}   # the model of the tp>1 stages (qwen3-32b fits 2 x H200 t
 TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: issue 6)
 # The step sweeps' strategies, in run order: the references and the likely winners first, so that a sweep cut by
 # its box still has them.
-STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,symm_norm,overlap,symm,rsag,async_rsag,chunked,async}
+STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,symm_norm,overlap,async_ce,symm,rsag,async_rsag,chunked,async}
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -83,7 +83,7 @@ for stage in $stages; do
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
              # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once)
              [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
-               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,symm_norm,async,rsag} ;;
+               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;
