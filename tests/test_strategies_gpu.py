@@ -225,7 +225,7 @@ def _ce_worker(rank: int, init_file: str, q) -> None:
     two at a time in flight, as interleaved micro-batches do, so every slot is reused several times and the
     compute stream overwrites slots while the peer may still be copying older ones. Each GEMM's input is
     scaled by its index: a stale slot read shows up as the wrong multiple. Odd reductions are summed by the
-    fused kernel from the parts (as a stage's RMSNorm does), even ones by the pending's own add."""
+    fused kernel from the parts (as a stage's RMSNorm does), even ones by the pending's own wait()."""
     try:
         import torch.distributed as dist
         import torch.nn.functional as F

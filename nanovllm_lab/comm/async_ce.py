@@ -17,8 +17,8 @@ Reduction k (of any micro-batch) on rank r:
   Triton kernel (kernels/allreduce_norm.py, symm_norm's) sums the ranks' rows in rank order (float32, so every
   rank computes the same bits), adds the residual and normalises. A separate add would cost a pass over the
   rows: in a trace of 16384-token prefill steps (2 x H200, qwen3-8b) the adds took 12 ms of a 221 ms step.
-  Where the consumer is not a norm (stages="layer": o_proj's reduction; the stack's last one) the sum is made
-  by one add on the compute stream.
+  Where the consumer is not a norm (stages="layer": o_proj's reduction; the stack's last one) the same kernel
+  makes the sum alone, on the compute stream.
 Buffer reuse:
 - peers read slot k % S of r's buffer until their copies of reduction k finish. A rank passes barrier j only
   once every peer has finished everything before its own barrier j on its communication stream, i.e. its
@@ -39,7 +39,7 @@ a clear error, as for `symm`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -55,14 +55,14 @@ _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the barrier kernel (a named e
 
 class CePending(PendingReduction):
     """A copy-engine reduction in flight: `parts` are the ranks' partial sums in rank order (this rank's in its
-    slot, the peers' in scratch) once the event has passed. `wait()` makes their sum (one add on the current
-    stream); `wait_parts()` hands them over for a fused consumer instead."""
+    slot, the peers' in scratch) once the event has passed. `wait()` makes their sum with `sum_parts` (on the
+    current stream); `wait_parts()` hands them over for a fused consumer instead."""
 
-    __slots__ = ("parts", "_sum")
+    __slots__ = ("parts", "_sum_parts", "_sum")
 
-    def __init__(self, parts: list[torch.Tensor], event: Any = None) -> None:
+    def __init__(self, parts: list[torch.Tensor], sum_parts: Callable, event: Any = None) -> None:
         super().__init__(parts[0], event=event)
-        self.parts, self._sum = parts, None
+        self.parts, self._sum_parts, self._sum = parts, sum_parts, None
 
     def wait_parts(self) -> list[torch.Tensor]:
         super().wait()
@@ -70,10 +70,7 @@ class CePending(PendingReduction):
 
     def wait(self) -> torch.Tensor:
         if self._sum is None:
-            parts = self.wait_parts()
-            self._sum = torch.add(parts[0], parts[1])
-            for t in parts[2:]:
-                self._sum.add_(t)
+            self._sum = self._sum_parts(self.wait_parts())
         return self._sum
 
 
@@ -113,9 +110,8 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
         self.scratch: torch.Tensor | None = None  # [S, world - 1, capacity, hidden]: the peers' rows, copied in
         self.handle = None
         self.group_name = ""
-        self._k = 0                            # reductions issued through the slots so far (all steps)
+        self.copies = 0                         # reductions issued through the slots so far (all steps): k
         self._events: dict[int, Any] = {}      # E_k of the last S reductions (CUDA)
-        self.copies = 0                         # reductions that went through the slots (tests, logs)
         self.fused = 0                          # consumers that summed inside their RMSNorm (tests, logs)
         self._fused_norm = None
         if self.device.type == "cuda":
@@ -150,19 +146,18 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
     def _issue(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> PendingReduction:
         if not self._fits(x, weight):
             return super()._issue(x, weight, bias)
-        n, k, s = x.shape[0], self._k, self._k % self.num_slots
+        n, k, s = x.shape[0], self.copies, self.copies % self.num_slots
         stream = self.reducer.stream
         if stream is not None:  # every peer has finished copying this slot's last use (see the docstring)
             guard = self._events.pop(k - self.num_slots + 1, None)
             if guard is not None:
                 torch.cuda.current_stream(self.device).wait_event(guard)
         own = linear_into(self.slots[0 if self.cfg.emulate else self.rank][s, :n], x, weight, bias)
-        self._k += 1
         self.copies += 1
         if stream is None:  # emulate (CPU, gloo): the peers' rows from an all-gather of the slots
             gathered = torch.empty((self.world_size * n, own.shape[1]), dtype=own.dtype, device=own.device)
             dist.all_gather_into_tensor(gathered, own)
-            return CePending(list(gathered.split(n)))
+            return CePending(list(gathered.split(n)), self._sum_of)
         parts, i = [], 0
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -176,7 +171,7 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
             ev = torch.cuda.Event()
             ev.record(stream)
         self._events[k] = ev
-        return CePending(parts, event=ev)
+        return CePending(parts, self._sum_of, event=ev)
 
     def _run_stage(self, fn, final_weight: int, layer, mb) -> None:
         """A stage that starts with an RMSNorm of a pending copy-engine reduction: the sum, the residual add
@@ -185,13 +180,22 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
             norm_of, body = _FUSABLE[fn]
             norm = norm_of(layer)
             parts, mb.pending = mb.pending.wait_parts(), None
-            if self._fused_norm is not None:
-                mb.hidden, mb.residual = self._fused_norm(parts, mb.residual, norm.weight, norm.eps)
-            else:
-                mb.hidden, mb.residual = sum_add_norm_reference(parts, mb.residual, norm)
+            mb.hidden, mb.residual = self._sum_add_norm(parts, mb.residual, norm)
             self.fused += 1
             fn = body
         super()._run_stage(fn, final_weight, layer, mb)
+
+    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor | None,
+                      norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """symm_norm's fused sum + add + RMSNorm kernel on cuda, its PyTorch reference elsewhere (norm=None: the
+        float32 sum over the ranks in rank order, rounded, alone)."""
+        if self._fused_norm is None:
+            return sum_add_norm_reference(parts, residual, norm)
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        return self._fused_norm(parts, residual, weight, eps)
+
+    def _sum_of(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self._sum_add_norm(parts, None, None)[0]
 
     def close(self) -> None:
         self.slots, self.scratch, self.handle, self._events = [], None, None, {}
