@@ -256,6 +256,44 @@ def test_async_ce_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="async_ce", **ENGINE)
 
 
+def test_lamport_norm_on_cpu_tp2_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'lamport_norm' needs CUDA GPUs with peer access.*gloo on cpu"):
+        LLM("tiny", strategy="lamport_norm", **ENGINE)
+
+
+def test_lamport_norm_fused_loop_matches_blocking():
+    """lamport_norm's loop (`local` at tp=1: symm_norm's layer loop, its own local partial buffer and slots):
+    blocking's tokens and logits, slots alternating across steps (its cross-rank argument needs every step to
+    start on slot 0), and prefill steps above max_tokens on the blocking loop."""
+    from nanovllm_lab.comm import lamport_norm
+    ref = run_scenario("blocking", tp=1)
+    calls, slots = [], []
+    orig = lamport_norm.LamportNormStrategy._reduce
+
+    def counting(self, n, residual, norm):
+        calls.append(n)
+        slots.append(self._slot)
+        return orig(self, n, residual, norm)
+
+    lamport_norm.LamportNormStrategy._reduce = counting
+    try:
+        got = run_scenario({"name": "lamport_norm", "local": True, "max_tokens": 16}, tp=1)
+    finally:
+        lamport_norm.LamportNormStrategy._reduce = orig
+    assert slots == [i % 2 for i in range(len(slots))]
+    assert got["tokens"] == ref["tokens"]
+    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
+    assert calls and max(calls) <= 16
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"spin_limit": 1 << 31}, {"local": "yes"}])
+def test_lamport_norm_rejects_bad_parameters(bad):
+    from nanovllm_lab.comm import resolve_strategy
+    with pytest.raises(ValueError, match=f"'lamport_norm': {next(iter(bad))}"):
+        resolve_strategy({"name": "lamport_norm", **bad})
+
+
 def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     """On a (faked) NCCL group with peer access but a torch without symm_mem's all-reduce ops, symm is refused
     naming the missing op, and symm_norm, which never calls them, is not."""
@@ -271,6 +309,7 @@ def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     assert "one_shot_all_reduce" in symm.unavailable_reason(info, "symm")
     assert symm.unavailable_reason(info, "async_ce") is None  # copies and a barrier: no symm_mem collective
     assert symm.unavailable_reason(info, "symm_norm") is None
+    assert symm.unavailable_reason(info, "lamport_norm") is None
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
     assert "peer access" in symm.unavailable_reason(info, "symm_norm")
 
@@ -313,7 +352,7 @@ def test_every_strategy_runs_at_tp1():
     kw = {**ENGINE, "tensor_parallel_size": 1}
     results = {}
     for s in ["blocking", "symm", {"name": "async", "min_tokens": 1}, {"name": "chunked", "min_tokens_per_chunk": 1},
-              "overlap", "symm_norm", "async_ce"]:
+              "overlap", "symm_norm", "async_ce", "lamport_norm"]:
         with LLM("tiny", strategy=s, **kw) as llm:
             results[str(s)] = [o["token_ids"] for o in llm.generate(BATCH_A[:3], GREEDY, use_tqdm=False)]
     assert all(r == results["blocking"] for r in results.values()), results

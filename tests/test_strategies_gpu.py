@@ -48,6 +48,9 @@ STRATEGIES = {
     "symm_norm-decode": {"name": "symm_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
     # two-shot at every step: each rank sums its half of a step's rows (an odd count splits unevenly: 7 = 4 + 3)
     "symm_norm-two-shot": {"name": "symm_norm", "shots": 2},
+    # symm_norm's fused reduction in one kernel with no barrier (pushed rows carry their own arrival flag)
+    "lamport_norm": {"name": "lamport_norm"},
+    "lamport_norm-decode": {"name": "lamport_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
     # copy-engine reductions (eager steps; CUDA-graph capture takes the NCCL path), 2 and 3 micro-batches
     "async_ce": {"name": "async_ce", "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},
@@ -78,6 +81,9 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
                 "graphs": llm.model_runner.graphs is not None,
                 "copies": getattr(llm.model_runner.strategy, "copies", None),  # async_ce: reductions by copy engine
                 "fused": getattr(llm.model_runner.strategy, "fused", None),    # async_ce: summed inside the norm
+                "lamport": (getattr(llm.model_runner.strategy, "reductions", None),  # lamport_norm: fused calls
+                            int(llm.model_runner.strategy.err.item())                # and its timeout flag
+                            if getattr(llm.model_runner.strategy, "err", None) is not None else None),
                 "history": sorted(set(getattr(llm.model_runner.strategy, "history", {}).values()))}  # overlap's picks
     finally:
         if exit_engine:
@@ -125,13 +131,15 @@ def test_float32_matches_blocking(key, eager):
         assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
         assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
+    if key.startswith("lamport_norm"):  # its own kernel ran, and no wait timed out
+        assert got["lamport"][0] > 0 and got["lamport"][1] == 0, got["lamport"]
     assert got["tokens"] == ref["tokens"], key
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
 
 
 @pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot",
-                                 "async_ce"])
+                                 "async_ce", "lamport_norm"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
     assert got["tokens"][0][0] == ref["tokens"][0][0]
@@ -268,6 +276,59 @@ def test_async_ce_sums_match_nccl():
     for rank, res in _two_ranks(_ce_worker).items():
         assert res["copies"] == 24, (rank, res)
         assert max(res["errs"]) <= 0.02, (rank, res["errs"])  # bf16 rounding of the sum, relative to its max
+
+
+def _lamport_worker(rank: int, init_file: str, q) -> None:
+    """lamport_norm's kernel against NCCL + the RMSNorm layer at decode-to-prefill shapes (qwen3-8b's hidden):
+    300 reductions issued back to back, so the slots are reused while the peer may still be one reduction
+    behind; rank 1 stalls before every third one (rank 0 must wait, not read the sentinel as data). Each
+    partial is scaled by its index, so a stale row read shows up as the wrong multiple."""
+    try:
+        import torch.distributed as dist
+
+        from nanovllm_lab.comm.lamport_norm import LamportNormConfig, LamportNormStrategy
+        from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
+        from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
+        from nanovllm_lab.layers.layernorm import RMSNorm
+        info = init_distributed(rank, 2, "cuda", init_file)
+        dev = torch.device(info.device)
+        s = LamportNormStrategy(LamportNormConfig(), info)
+        s.prepare(2048, 4096, torch.bfloat16)
+        norm = RMSNorm(4096, eps=1e-6).to(dev, torch.bfloat16)
+        shared = torch.Generator(device=dev).manual_seed(7)  # the same residuals and weight on both ranks
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(4096, device=dev, generator=shared) + 0.5)
+        g = torch.Generator(device=dev).manual_seed(rank)
+        cases, outs = [], []
+        s._slot = 0
+        for i in range(300):
+            n = (1, 128, 2048, 7, 512)[i % 5]
+            part = torch.randn(n, 4096, device=dev, dtype=torch.bfloat16, generator=g) * (1 + i % 7)
+            res = torch.randn(n, 4096, device=dev, dtype=torch.bfloat16, generator=shared)
+            if rank == 1 and i % 3 == 0:
+                torch.cuda._sleep(200_000)  # ~0.1 ms of GPU time before this rank's rows go out
+            s._partial[:n].copy_(part)
+            outs.append(s._reduce(n, res, norm if i % 4 else None))
+            cases.append((part, res, i % 4 != 0))
+        errs = []
+        for (part, res, with_norm), (out, new_res) in zip(cases, outs):
+            total = part.clone()
+            dist.all_reduce(total)
+            ref_out, ref_res = sum_add_norm_reference([total], res, norm if with_norm else None)
+            for got, want in ((out, ref_out), (new_res, ref_res)):
+                errs.append(((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
+        torch.cuda.synchronize(dev)
+        q.put((rank, {"errs": errs, "reductions": s.reductions, "err": int(s.err.item())}))
+        s.close()
+        destroy_distributed()
+    except BaseException:
+        q.put((rank, traceback.format_exc()))
+
+
+def test_lamport_norm_matches_nccl_and_the_norm_layer():
+    for rank, res in _two_ranks(_lamport_worker).items():
+        assert res["reductions"] == 300 and res["err"] == 0, (rank, res["reductions"], res["err"])
+        assert max(res["errs"]) <= 0.02, (rank, max(res["errs"]))  # bf16 rounding, relative to the max
 
 
 if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE eager|graph RESULT_PATH

@@ -21,6 +21,8 @@ from nanovllm_lab.attention.triton_backend import TritonAttentionBackend  # noqa
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference  # noqa: E402
 from nanovllm_lab.kernels import store_kv as _store_mod  # noqa: E402
 from nanovllm_lab.kernels import allreduce_norm  # noqa: E402
+from nanovllm_lab.kernels import lamport_norm  # noqa: E402
+from nanovllm_lab.kernels.lamport_norm import lamport_add_norm  # noqa: E402
 from nanovllm_lab.kernels.allreduce_norm import (row_shard, sum_add_norm, two_shot_add_norm,  # noqa: E402
                                                  two_shot_reduce_rows)
 from nanovllm_lab.layers.layernorm import RMSNorm  # noqa: E402
@@ -295,6 +297,69 @@ def test_two_shot_is_bit_identical_to_one_shot(dtype, world, n, norm, monkeypatc
         _check(res, ref_res, dtype)
     else:
         assert res is residual
+
+
+# Lamport one-kernel all-reduce + norm (kernels/lamport_norm.py): ranks simulated by lists of receive buffers
+# [2 slots, world, capacity, hidden]; the interpreter runs every rank's push phase, then every rank's wait phase
+# (on a GPU one kernel does both, concurrently with the peers).
+def _lamport_round(parts, recv, slot, residual, weight, err, grid, spin_limit=1 << 20):
+    world, n = len(parts), parts[0].shape[0]
+    views = [([recv[p][slot, r, :n] for p in range(world)], [recv[r][slot, p, :n] for p in range(world)])
+             for r in range(world)]
+    for r in range(world):
+        lamport_add_norm(parts[r], *views[r], residual, weight, 1e-6, err, spin_limit, grid=grid, wait=False)
+    return [lamport_add_norm(parts[r], *views[r], residual, weight, 1e-6, err, spin_limit, grid=grid, push=False)
+            for r in range(world)]
+
+
+def _all_sentinel(t):
+    return bool((lamport_norm.int_view(t) == lamport_norm.SENTINEL[t.element_size()]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world, n, hidden, grid", [(1, 1, 64, 1), (2, 5, 80, 2), (3, 4, 64, 4), (8, 3, 48, 1)])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
+def test_lamport_is_bit_identical_to_one_shot(dtype, world, n, hidden, grid, norm):
+    """Every rank's result equals the one-shot kernel's, bit for bit (grid < n: programs loop over rows), over
+    two rounds on alternating slots; every receive buffer is back to the sentinel after each round."""
+    recv = [lamport_norm.clear_(torch.empty(2, world, 8, hidden, dtype=dtype)) for _ in range(world)]
+    err = torch.zeros(1, dtype=torch.int32)
+    for slot in (0, 1):
+        parts, residual, layer = _fused_inputs(world, n, hidden, dtype, _gen(2000 + world * 10 + n + slot), norm)
+        parts[0][0, :3] = -0.0  # must not read as "not arrived" (it travels as +0.0)
+        weight = layer.weight if norm else None
+        want_out, want_res = sum_add_norm(parts, residual, weight, 1e-6)
+        for r, (out, res) in enumerate(_lamport_round(parts, recv, slot, residual, weight, err, grid)):
+            assert torch.equal(out, want_out), (slot, r)
+            assert torch.equal(res, want_res) if norm else res is residual
+        assert err.item() == 0
+        assert all(_all_sentinel(b) for b in recv), "a receive buffer was not cleared"
+
+
+def test_lamport_wait_times_out_instead_of_hanging():
+    """A peer that never pushes: the wait gives up after spin_limit polls and sets the flag; later calls then
+    do not wait at all (one timeout per dead peer, not one per reduction). The buffer is still cleared."""
+    dtype, n, hidden = torch.bfloat16, 3, 64
+    recv = [lamport_norm.clear_(torch.empty(2, 2, 4, hidden, dtype=dtype)) for _ in range(2)]
+    err = torch.zeros(1, dtype=torch.int32)
+    parts, residual, layer = _fused_inputs(2, n, hidden, dtype, _gen(5), True)
+    dst, src = [recv[p][0, 0, :n] for p in range(2)], [recv[0][0, p, :n] for p in range(2)]
+    lamport_add_norm(parts[0], dst, src, residual, layer.weight, 1e-6, err, spin_limit=5)  # rank 1 never runs
+    assert err.item() == 1
+    assert _all_sentinel(recv[0])
+    lamport_add_norm(parts[0], dst, src, residual, layer.weight, 1e-6, err, spin_limit=1 << 30)  # returns at once
+    assert err.item() == 1
+
+
+def test_lamport_rejects_bad_buffers():
+    a = torch.zeros(2, 8)
+    err = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous \\[2, 8\\]"):
+        lamport_add_norm(a, [a, torch.zeros(3, 8)], [a, a], None, None, 0.0, err)
+    with pytest.raises(ValueError, match="int32 error flag"):
+        lamport_add_norm(a, [a], [a], None, None, 0.0, torch.zeros(1))
+    with pytest.raises(ValueError, match="2- and 4-byte"):
+        lamport_norm.clear_(torch.zeros(2, dtype=torch.float64))
 
 
 def test_row_shards_cover_every_row_once():

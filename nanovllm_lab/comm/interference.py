@@ -19,10 +19,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# symm_norm's fused kernels (kernels/allreduce_norm.py) count as communication: the peer reads are the reduction,
-# and the add + norm they also do is small next to them (its two-shot kernels' names say two_shot).
+# symm_norm's and lamport_norm's fused kernels (kernels/allreduce_norm.py, kernels/lamport_norm.py) count as
+# communication: the peer reads (or pushes and waits) are the reduction, and the add + norm they also do is small
+# next to them (the two-shot kernels' names say two_shot).
 COMM_KERNEL_RE = re.compile(r"nccl|all_?reduce|one_shot|two_shot|symm|cross_device|reduce_scatter|all_gather|"
-                            r"sum_add_norm", re.IGNORECASE)
+                            r"sum_add_norm|lamport", re.IGNORECASE)
 
 
 def is_comm_kernel(name: str) -> bool:

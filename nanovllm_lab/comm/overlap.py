@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
 NOT_DELEGATES = ("overlap", "none")  # itself, and the bound that gives wrong outputs
-SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
+SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
 
 
 def delegates() -> list[str]:

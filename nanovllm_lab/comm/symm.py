@@ -56,7 +56,8 @@ class SymmConfig(StrategyConfig):
 
 # The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm and
 # async_ce only map the buffers (and use the handle's barrier), so a torch without those ops must not rule them out.
-NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": (), "async_ce": ()}
+NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": (), "async_ce": (),
+              "lamport_norm": ()}
 
 
 def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:

@@ -90,7 +90,7 @@ def sum_add_norm_reference(bufs: list[torch.Tensor], residual: torch.Tensor | No
 class SymmNormStrategy(CommStrategy):
     def __init__(self, cfg: SymmNormConfig, info) -> None:
         super().__init__(cfg, info)
-        reason = unavailable_reason(info, "symm_norm")
+        reason = unavailable_reason(info, self.name)
         if reason is not None:
             raise ValueError(reason)
         self.peers: list[torch.Tensor] = []  # every rank's [slots, capacity, hidden] buffers (own one included)
@@ -99,7 +99,7 @@ class SymmNormStrategy(CommStrategy):
         self._slot = -1  # >= 0 inside the fused loop: row-parallel GEMMs write their partial sums there
         self._fused = None  # the Triton kernel's wrapper on cuda (imported once: triton exists there)
         # Two-shot only where there is something to scatter: at tp=1 (`local`) one-shot is the add + norm alone.
-        self._two_shot = cfg.shots == 2 and self.world_size > 1
+        self._two_shot = getattr(cfg, "shots", 1) == 2 and self.world_size > 1
         if self.device.type == "cuda":
             from nanovllm_lab.kernels import allreduce_norm as k
             self._fused = k.sum_add_norm

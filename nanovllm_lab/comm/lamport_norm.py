@@ -1,0 +1,135 @@
+"""`lamport_norm`: symm_norm's fused reduction + residual add + RMSNorm in one kernel, with no barrier.
+
+symm_norm leaves about 7 us per decode reduction exposed on 2 x H200 (qwen3-8b, bench decode steps of 7.20 ms
+against none's 6.65, 72 reductions a step; results/LOG.md, session 7). Each of its reductions is a barrier
+kernel (a signal round trip over NVLink) and then a kernel that reads every peer's row over NVLink: two
+dependent NVLink latencies and two launches. Here one kernel (kernels/lamport_norm.py) pushes this rank's rows
+into every rank's receive buffer and polls its own receive buffer, local memory, until the peers' rows have
+replaced the sentinel that marks "not arrived". The data is its own flag, so there is no barrier.
+
+Per half-layer: the row-parallel GEMM writes its partial sum into a local buffer; then the kernel pushes,
+waits, sums in rank order, adds the residual and normalises, and writes the sentinel back over what it read.
+
+Slots. Each rank's symmetric buffer is [2 slots, world, capacity, hidden]: slot s, block p takes rank p's rows
+of a reduction that uses slot s. Reductions alternate slots, and each step starts on slot 0 (two reductions per
+layer). Why two suffice: rank q can push into slot s for reduction k + 2 only after it has finished reduction
+k + 1, which needs this rank's rows of k + 1, which this rank pushes only after its kernel for k, the one that
+read and cleared slot s, has completed. One slot would not do: a peer one reduction ahead would push into the
+rows this rank is still reading. The partial-sum buffer is local and single: the next GEMM that overwrites it
+runs after this rank's kernel on the same stream.
+
+The kernel's one assumption: its programs (at most one per SM) are all resident at once, so none waits on a peer
+whose pushing program cannot be scheduled. Inside this engine nothing else runs beside a decode step.
+
+A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
+for) sets an error flag on the device instead of hanging; the result is then wrong; `check()` raises with the reason, and
+`close()` logs it (an error there must not keep the engine from releasing its process group). Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop;
+`local=True` runs the fused loop at tp=1 with PyTorch's arithmetic on CPU, as symm_norm's does, for the CPU
+tests. The kernel's own CPU tests run it under the Triton interpreter with simulated ranks. On gloo, asking
+for this strategy is a clear error.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm_lab.comm.base import StrategyConfig, register_strategy
+from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, linear_into, rendezvous_buffer
+from nanovllm_lab.comm.symm_norm import SymmNormStrategy, sum_add_norm_reference
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_SPIN_LIMIT = 1 << 28  # kernels/lamport_norm.py's DEFAULT_SPIN_LIMIT (not imported: it needs triton)
+
+
+@dataclass(frozen=True)
+class LamportNormConfig(StrategyConfig):
+    name: str = "lamport_norm"
+    max_tokens: int = 2048  # fused path up to this many tokens per step (receive buffer: 2 x tp x this many rows)
+    local: bool = False     # tp=1: run the fused loop anyway (tests)
+    spin_limit: int = _DEFAULT_SPIN_LIMIT  # polls of one row before a wait gives up and flags an error
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "spin_limit"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 1 << 31:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer in [1, 2**31), got {v!r}")
+        if not isinstance(self.local, bool):
+            raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
+
+
+@register_strategy("lamport_norm", LamportNormConfig)
+class LamportNormStrategy(SymmNormStrategy):
+    """symm_norm's layer loop (`run_layers`, slot alternation); its own buffers and `_reduce`."""
+
+    def __init__(self, cfg: LamportNormConfig, info) -> None:
+        super().__init__(cfg, info)  # availability check, buffers' bookkeeping
+        self._partial: torch.Tensor | None = None  # this rank's partial sums (local: peers never read it)
+        self.err: torch.Tensor | None = None       # the kernel's timeout flag
+        self._kernel = None
+        self.reductions = 0  # fused reductions issued (host count; a captured graph's are counted once)
+        if self.device.type == "cuda":
+            from nanovllm_lab.kernels import lamport_norm as k
+            self._kernel = k.lamport_add_norm
+
+    def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
+        capacity = min(self.cfg.max_tokens, max_tokens)
+        if self.world_size == 1 and not self.cfg.local:
+            return
+        if self.world_size > 1 and dtype not in _SUPPORTED_DTYPES:
+            return
+        self._partial = torch.empty((capacity, hidden_size), dtype=dtype, device=self.device)
+        self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
+        shape = (2, self.world_size, capacity, hidden_size)
+        if self.world_size == 1:
+            self.peers = [torch.empty(shape, dtype=dtype, device=self.device)]
+        else:
+            import torch.distributed as dist
+            self.group_name = dist.group.WORLD.group_name
+            _, self.handle = rendezvous_buffer(2 * self.world_size * capacity * hidden_size, dtype, self.device)
+            self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(self.world_size)]
+        if self._kernel is not None:
+            from nanovllm_lab.kernels.lamport_norm import clear_
+            clear_(self.peers[self.rank])
+            if self.handle is not None:  # no peer may push before every buffer holds the sentinel
+                torch.cuda.synchronize(self.device)
+                self.handle.barrier(channel=0)
+                torch.cuda.synchronize(self.device)
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._slot < 0:
+            return self.all_reduce(torch.nn.functional.linear(x, weight, bias))
+        return linear_into(self._partial[: x.shape[0]], x, weight, bias)
+
+    def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        partial = self._partial[:n]
+        if self._kernel is not None:
+            s, me = self._slot, self.rank
+            dst = [p[s, me, :n] for p in self.peers]                         # my rows, in every rank's buffer
+            src = [self.peers[me][s, r, :n] for r in range(self.world_size)]  # every rank's rows, in mine
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            out = self._kernel(partial, dst, src, residual, weight, eps, self.err, self.cfg.spin_limit)
+        else:
+            out = sum_add_norm_reference([partial], residual, norm)
+        self._slot ^= 1
+        self.reductions += 1
+        return out
+
+    def check(self) -> None:
+        """Raise if a wait timed out since the buffers were made (a host sync: not for the step loop)."""
+        if self.err is not None and self._kernel is not None and int(self.err.item()):
+            raise RuntimeError("lamport_norm: a peer's rows never arrived within spin_limit polls; the results "
+                               "since then are wrong (was a peer stalled or dead?)")
+
+    def applicable(self, ctx, num_tokens: int) -> bool:
+        return self._partial is not None and num_tokens <= self._partial.shape[0]
+
+    def close(self) -> None:
+        try:
+            self.check()
+        except RuntimeError as e:  # logged, not raised: the engine's shutdown must still release the group
+            log.error("%s", e)
+        self._partial = self.err = None
+        super().close()

@@ -1,0 +1,164 @@
+"""One-kernel all-reduce + residual add + RMSNorm with no barrier: each element carries its own arrival flag.
+
+symm_norm (kernels/allreduce_norm.py) spends each decode reduction on two kernels: a symmetric-memory barrier,
+then a kernel that reads every peer's row over NVLink. Both wait on NVLink round trips. Here each rank *pushes*
+its partial-sum rows into every rank's receive buffer and polls its own buffer, which is local memory. A slot of
+the receive buffer is kept filled with a sentinel value, the bit pattern of -0.0, so a rank knows a peer's
+element has arrived when it no longer reads the sentinel. No flag, no fence, no second kernel: this is the
+Lamport-clock style of TensorRT-LLM's and vLLM's custom all-reduces, written in Triton.
+
+- A pushed element that is -0.0 is sent as +0.0 (otherwise it would read as "not arrived"). The float32 sum can
+  then differ from the one-shot kernel's only in the sign of an exact zero.
+- Each program handles rows pid, pid + grid, ...: it first pushes all of them, then waits for all of them. With
+  a grid no larger than the GPU's SM count every program is resident, so no waiting program can keep a peer's
+  pushing program from running (the one assumption of this scheme, as in TensorRT-LLM).
+- After reading a row from a peer, the program writes the sentinel back there. The caller alternates two slots
+  (comm/lamport_norm.py): a peer cannot push into a slot again before this rank has finished the reduction after
+  the one that read it, so the clear always lands first.
+- A wait gives up after `spin_limit` polls of a row: it sets `err[0]` and uses what it read (the result is then
+  wrong, and the strategy reports it). Once `err[0]` is set, later calls do not wait at all, so a dead peer
+  costs one timeout, not one per reduction.
+
+The rounding is the one-shot kernel's (float32 sum over ranks 0..world-1, rounded, then `_add_norm_store`).
+`PUSH` / `WAIT` split the kernel in two phases for the CPU tests, where the Triton interpreter runs one
+simulated rank after another; on a GPU both are on.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm_lab.kernels.allreduce_norm import MAX_WORLD, _add_norm_store, _check_norm_args
+
+# Bit patterns of -0.0 read as the same-width signed integer: the "not arrived" sentinel.
+_INT_VIEW = {2: torch.int16, 4: torch.int32}
+SENTINEL = {2: -(1 << 15), 4: -(1 << 31)}
+DEFAULT_SPIN_LIMIT = 1 << 28  # polls of one row: minutes, so a peer still compiling its first step is waited for
+
+
+@triton.jit
+def _push(dst, off, bits, mask):
+    tl.store(dst + off, bits, mask=mask)
+
+
+@triton.jit
+def _take(src, off, mask, err_ptr, spin_limit, x_ptr, SENT: tl.constexpr):
+    """Poll one row of a peer's pushed elements until none reads the sentinel, clear it, return it in float32."""
+    v = tl.load(src + off, mask=mask, other=0, volatile=True)
+    missing = tl.sum(tl.where(mask & (v == SENT), 1, 0), axis=0)
+    spins = tl.load(err_ptr) * spin_limit  # an earlier timeout: do not wait again
+    while (missing > 0) & (spins < spin_limit):
+        v = tl.load(src + off, mask=mask, other=0, volatile=True)
+        missing = tl.sum(tl.where(mask & (v == SENT), 1, 0), axis=0)
+        spins += 1
+    tl.store(err_ptr, 1, mask=missing > 0)
+    tl.store(src + off, tl.full(v.shape, SENT, v.dtype), mask=mask)  # ready for this slot's next use
+    return v.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)  # x_ptr: the values' dtype
+
+
+@triton.jit
+def _lamport_allreduce_norm_kernel(x_ptr, d0, d1, d2, d3, d4, d5, d6, d7, s0, s1, s2, s3, s4, s5, s6, s7,
+                                   res_ptr, w_ptr, out_ptr, res_out_ptr, err_ptr, n_rows, n_cols, eps,
+                                   spin_limit, WORLD: tl.constexpr, SENT: tl.constexpr, NORM: tl.constexpr,
+                                   PUSH: tl.constexpr, WAIT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    if PUSH:
+        for row in range(pid, n_rows, grid):
+            off = row * n_cols + cols  # int32: the host checks n * hidden < 2**31
+            bits = tl.load(x_ptr + off, mask=mask, other=0.0).to(d0.dtype.element_ty, bitcast=True)
+            bits = tl.where(bits == SENT, tl.zeros_like(bits), bits)  # -0.0 travels as +0.0
+            # WORLD is a compile-time constant: the unused pointer arguments (aliases of d0 / s0) are never touched.
+            _push(d0, off, bits, mask)
+            if WORLD > 1:
+                _push(d1, off, bits, mask)
+            if WORLD > 2:
+                _push(d2, off, bits, mask)
+            if WORLD > 3:
+                _push(d3, off, bits, mask)
+            if WORLD > 4:
+                _push(d4, off, bits, mask)
+            if WORLD > 5:
+                _push(d5, off, bits, mask)
+            if WORLD > 6:
+                _push(d6, off, bits, mask)
+            if WORLD > 7:
+                _push(d7, off, bits, mask)
+    if WAIT:
+        for row in range(pid, n_rows, grid):
+            off = row * n_cols + cols  # int32: the host checks n * hidden < 2**31
+            acc = _take(s0, off, mask, err_ptr, spin_limit, x_ptr, SENT)  # rank order, as the one-shot kernel
+            if WORLD > 1:
+                acc += _take(s1, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 2:
+                acc += _take(s2, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 3:
+                acc += _take(s3, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 4:
+                acc += _take(s4, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 5:
+                acc += _take(s5, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 6:
+                acc += _take(s6, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            if WORLD > 7:
+                acc += _take(s7, off, mask, err_ptr, spin_limit, x_ptr, SENT)
+            s = acc.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # what an all-reduce would have returned
+            _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_cols, eps, NORM)
+
+
+def int_view(t: torch.Tensor) -> torch.Tensor:
+    """A receive buffer as the signed integers the kernel compares with the sentinel."""
+    if t.element_size() not in _INT_VIEW:
+        raise ValueError(f"lamport all-reduce supports 2- and 4-byte dtypes, got {t.dtype}")
+    return t.view(_INT_VIEW[t.element_size()])
+
+
+def clear_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a receive buffer with the sentinel (every element "not arrived")."""
+    int_view(t).fill_(SENTINEL[t.element_size()])
+    return t
+
+
+def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor],
+                     residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float, err: torch.Tensor,
+                     spin_limit: int = DEFAULT_SPIN_LIMIT, grid: int | None = None, push: bool = True,
+                     wait: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sum_add_norm`'s contract over pushed rows. `partial`: this rank's [n, hidden] partial sum. `dst[p]`: the
+    [n, hidden] block of rank p's receive buffer where this rank's rows go; `src[p]`: the block of this rank's
+    receive buffer where rank p's rows arrive (all filled with the sentinel beforehand; left so afterwards).
+    `err`: one int32 on the device, set to 1 if a wait timed out. Returns (norm(residual + sum) * weight,
+    residual + sum), or without a weight (sum, residual)."""
+    world = len(dst)
+    if not 1 <= world <= MAX_WORLD or len(src) != world:
+        raise ValueError(f"lamport_add_norm takes 1 to {MAX_WORLD} destination and as many source buffers, "
+                         f"got {len(dst)} and {len(src)}")
+    if partial.dim() != 2 or not partial.is_contiguous():
+        raise ValueError(f"lamport_add_norm needs a contiguous [n, hidden] partial sum, got {tuple(partial.shape)}")
+    n, hidden = partial.shape
+    for b in dst + src:
+        if b.shape != (n, hidden) or b.dtype != partial.dtype or not b.is_contiguous():
+            raise ValueError(f"lamport_add_norm needs contiguous [{n}, {hidden}] {partial.dtype} buffers, got "
+                             f"{tuple(b.shape)} {b.dtype}")
+    if err.dtype != torch.int32 or err.numel() < 1:
+        raise ValueError("lamport_add_norm needs an int32 error flag")
+    _check_norm_args("lamport_add_norm", n, hidden, residual, weight)
+    if n * hidden >= 1 << 31:
+        raise ValueError(f"lamport_add_norm indexes with int32: {n} x {hidden} elements is too many")
+    norm = weight is not None
+    out = torch.empty_like(partial)
+    res_out = torch.empty_like(partial) if norm else None
+    if n:
+        d = [int_view(b) for b in dst] + [int_view(dst[0])] * (MAX_WORLD - world)
+        s = [int_view(b) for b in src] + [int_view(src[0])] * (MAX_WORLD - world)
+        if grid is None:  # every program resident (see the module docstring)
+            grid = n if partial.device.type != "cuda" else \
+                min(n, torch.cuda.get_device_properties(partial.device).multi_processor_count)
+        _lamport_allreduce_norm_kernel[(grid,)](
+            partial, *d, *s, residual.contiguous() if norm else out, weight if norm else out, out,
+            res_out if norm else out, err, n, hidden, eps, spin_limit, WORLD=world,
+            SENT=SENTINEL[partial.element_size()], NORM=norm, PUSH=push, WAIT=wait,
+            BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4)
+    return (out, res_out) if norm else (out, residual)
