@@ -93,4 +93,4 @@ for stage in $stages; do
   esac
 done
 # The device tool returns files at most two folders down: the lab's run directories travel as one archive.
-[ -d "$O/lab" ] && tar czf "$O/lab.tgz" -C "$O" lab && echo "lab results: $O/lab.tgz"
+if [ -d "$O/lab" ]; then tar czf "$O/lab.tgz" -C "$O" lab && echo "lab results: $O/lab.tgz"; fi  # rc 0 without a lab run too
