@@ -261,32 +261,6 @@ def test_lamport_norm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="lamport_norm", **ENGINE)
 
 
-def test_lamport_norm_fused_loop_matches_blocking():
-    """lamport_norm's loop (`local` at tp=1: symm_norm's layer loop, its own local partial buffer and slots):
-    blocking's tokens and logits, slots alternating across steps (its cross-rank argument needs every step to
-    start on slot 0), and prefill steps above max_tokens on the blocking loop."""
-    from nanovllm_lab.comm import lamport_norm
-    ref = run_scenario("blocking", tp=1)
-    calls, slots = [], []
-    orig = lamport_norm.LamportNormStrategy._reduce
-
-    def counting(self, n, residual, norm):
-        calls.append(n)
-        slots.append(self._slot)
-        return orig(self, n, residual, norm)
-
-    lamport_norm.LamportNormStrategy._reduce = counting
-    try:
-        got = run_scenario({"name": "lamport_norm", "local": True, "max_tokens": 16}, tp=1)
-    finally:
-        lamport_norm.LamportNormStrategy._reduce = orig
-    assert slots == [i % 2 for i in range(len(slots))]
-    assert got["tokens"] == ref["tokens"]
-    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
-    assert calls and max(calls) <= 16
-
-
 @pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"spin_limit": 1 << 31}, {"local": "yes"}])
 def test_lamport_norm_rejects_bad_parameters(bad):
     from nanovllm_lab.comm import resolve_strategy
@@ -314,36 +288,41 @@ def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     assert "peer access" in symm.unavailable_reason(info, "symm_norm")
 
 
-@pytest.mark.parametrize("max_tokens, shots", [(2048, 1), (16, 1), (2048, 2)],
-                         ids=["every_step", "decode_only", "two_shot_tp1"])
-def test_symm_norm_fused_loop_matches_blocking(max_tokens, shots):
-    """The fused loop (GEMMs into alternating buffers, reduce + add + norm in one call; `local` runs it at tp=1
-    with PyTorch's add + norm) gives blocking's tokens and logits. With max_tokens=16 the prefill steps (up to
-    96 tokens) take the blocking loop and decode steps the fused one, in one engine. shots=2 must run too at tp=1
-    (where there is nothing to scatter; the two-shot kernels are tested in test_triton_kernels.py)."""
+@pytest.mark.parametrize("spec", [{"name": "symm_norm", "max_tokens": 2048}, {"name": "symm_norm", "max_tokens": 16},
+                                  {"name": "symm_norm", "max_tokens": 2048, "shots": 2},
+                                  {"name": "lamport_norm", "max_tokens": 16}],
+                         ids=["every_step", "decode_only", "two_shot_tp1", "lamport_decode_only"])
+def test_fused_norm_loop_matches_blocking(spec):
+    """The fused loop of symm_norm and lamport_norm (GEMMs into alternating slots, reduce + add + norm in one
+    call; `local` runs it at tp=1 with PyTorch's add + norm) gives blocking's tokens and logits. With
+    max_tokens=16 the prefill steps (up to 96 tokens) take the blocking loop and decode steps the fused one, in
+    one engine. shots=2 must run too at tp=1 (where there is nothing to scatter; the two-shot and lamport
+    kernels are tested in test_triton_kernels.py)."""
+    from nanovllm_lab.comm import lamport_norm, symm_norm
+    cls = lamport_norm.LamportNormStrategy if spec["name"] == "lamport_norm" else symm_norm.SymmNormStrategy
     ref = run_scenario("blocking", tp=1)
     llm_calls, slots = [], []
-    from nanovllm_lab.comm import symm_norm
-    orig = symm_norm.SymmNormStrategy._reduce
+    orig = cls._reduce
 
     def counting(self, n, residual, norm):
         llm_calls.append(n)
         slots.append(self._slot)
         return orig(self, n, residual, norm)
 
-    symm_norm.SymmNormStrategy._reduce = counting
+    cls._reduce = counting
     try:
-        got = run_scenario({"name": "symm_norm", "local": True, "max_tokens": max_tokens, "shots": shots}, tp=1)
+        got = run_scenario({**spec, "local": True}, tp=1)
     finally:
-        symm_norm.SymmNormStrategy._reduce = orig
-    # The two buffers alternate, across steps too (the cross-rank safety argument in comm/symm_norm.py).
+        cls._reduce = orig
+    # The two slots alternate, across steps too (the cross-rank safety arguments in comm/symm_norm.py and
+    # comm/lamport_norm.py need every step to start on slot 0).
     assert slots == [i % 2 for i in range(len(slots))]
     assert got["tokens"] == ref["tokens"]
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
     assert llm_calls, "the fused loop never ran"
-    assert max(llm_calls) <= max_tokens and (max_tokens > 16 or min(llm_calls) >= 1)
-    if max_tokens == 16:
+    assert max(llm_calls) <= spec["max_tokens"]
+    if spec["max_tokens"] == 16:
         assert max(llm_calls) < 96  # the long prefill steps went to the blocking loop
 
 
