@@ -241,6 +241,33 @@ def test_none_runs_and_flags_outputs_invalid():
     assert all(len(t) == GREEDY.max_tokens for t in got["tokens"])
 
 
+def test_none_mb_is_none_split_into_micro_batches():
+    """none_mb runs async's split with no reduction at all, and the split is transparent: the same logits as
+    `none`. Its outputs are flagged like none's, and overlap never delegates to it."""
+    from nanovllm_lab.comm import none_mb
+    from nanovllm_lab.comm.overlap import delegates
+    issued = []
+    orig = none_mb.NoneMbStrategy._issue
+
+    def counting(self, x, weight, bias):
+        issued.append(x.shape[0])
+        return orig(self, x, weight, bias)
+
+    none_mb.NoneMbStrategy._issue = counting
+    try:
+        got = run_scenario({"name": "none_mb", "min_tokens": 1})
+    finally:
+        none_mb.NoneMbStrategy._issue = orig
+    ref = run_scenario("none")
+    assert issued, "the micro-batched loop never ran"
+    assert got["collectives"].get("all_reduce", 0) == 0 and not got["collectives"].get("reduce_scatter_tensor")
+    assert all(o["valid"] is False and o["text"] is None for o in got["outputs"])
+    assert got["tokens"] == ref["tokens"]
+    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
+    assert "none_mb" not in delegates() and "none" not in delegates() and "async" in delegates()
+
+
 def test_symm_on_cpu_tp2_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'symm' needs CUDA GPUs with peer access.*gloo on cpu"):
         LLM("tiny", strategy="symm", **ENGINE)
@@ -261,7 +288,7 @@ def test_lamport_norm_on_cpu_tp2_is_a_clear_error():
         LLM("tiny", strategy="lamport_norm", **ENGINE)
 
 
-@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"spin_limit": 1 << 31}, {"local": "yes"}])
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"spin_limit": 1 << 31}, {"local": "yes"}, {"programs_per_sm": 9}])
 def test_lamport_norm_rejects_bad_parameters(bad):
     from nanovllm_lab.comm import resolve_strategy
     with pytest.raises(ValueError, match=f"'lamport_norm': {next(iter(bad))}"):
@@ -390,6 +417,7 @@ def test_write_table_picks_fastest_within_spread(tmp_path):
     rows = [
         {"phase": "decode", "tokens": 1, "strategy": "blocking", "t_ms": 1.0, "t_p10_ms": 0.9, "t_p90_ms": 1.1},
         {"phase": "decode", "tokens": 1, "strategy": "none", "t_ms": 0.1},  # never chosen: wrong outputs
+        {"phase": "decode", "tokens": 1, "strategy": "none_mb", "t_ms": 0.2},  # nor this bound
         {"phase": "decode", "tokens": 1, "strategy": "chunked", "t_ms": 1.5, "t_p10_ms": 1.4, "t_p90_ms": 1.6},
         {"phase": "decode", "tokens": 64, "strategy": "blocking", "t_ms": 2.0},
         {"phase": "decode", "tokens": 64, "strategy": "async", "params": {"micro_batches": 3}, "t_ms": 1.2},
@@ -410,7 +438,7 @@ def test_write_table_picks_fastest_within_spread(tmp_path):
     entry = table["entries"][0]
     assert [c["strategy"] for c in entry["rules"]["decode"][0]["choices"]] == ["chunked", "blocking"]  # blocking: always the last choice
     assert [c["strategy"] for c in entry["rules"]["prefill"][0]["choices"]] == ["chunked", "blocking"]
-    assert entry["sources"] == {"decode": "write_table from 1 rows", "prefill": "write_table from 7 rows"}
+    assert entry["sources"] == {"decode": "write_table from 1 rows", "prefill": "write_table from 8 rows"}
     assert sum(e["model"] == entry["model"] for e in table["entries"]) == 1
 
 

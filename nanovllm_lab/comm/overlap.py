@@ -40,15 +40,16 @@ from nanovllm_lab.utils.context import get_context
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
-NOT_DELEGATES = ("overlap", "none")  # itself, and the bound that gives wrong outputs
+NOT_DELEGATES = ("overlap", "none")  # itself, and the bound; any other strategy with valid_outputs False too
 SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
 
 
 def delegates() -> list[str]:
-    """The strategies `overlap` may choose from: every registered one but itself and `none`."""
+    """The strategies `overlap` may choose from: every registered one but itself and the bounds (`none`,
+    `none_mb`: strategies whose outputs are wrong by design)."""
     from nanovllm_lab.comm.base import STRATEGIES, _load_builtins
     _load_builtins()
-    return [n for n in STRATEGIES.names() if n not in NOT_DELEGATES]
+    return [n for n in STRATEGIES.names() if n not in NOT_DELEGATES and STRATEGIES.get(n)[1].valid_outputs]
 
 
 @dataclass(frozen=True)
