@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
-#                                                         [symm_large] [two_shot] [ce] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
+#                                                         [symm_large] [two_shot] [ce] [lamport_pps] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
@@ -73,12 +73,16 @@ for stage in $stages; do
              [ "$ngpu" -ge 2 ] && { stage=two_shot_refs lab -m workload=decode model=$M tp=$TP +strategy=blocking,none,symm
                stage=two_shot lab -m workload=decode model=$M tp=$TP +strategy=symm_norm strategy.shots=2,1; } ;;
     ce)      # async_ce (micro-batches whose reductions the copy engines move: no SMs taken from the GEMMs) against
-             # the references and async (NCCL), prefill steps of 2048-16384 tokens (16384: the bench's prefill
-             # steps), then symm_norm fused at those sizes. Two multiruns (max_tokens is symm_norm's alone).
+             # the references, none_mb (the split alone) and async (NCCL), prefill steps of 2048-16384 tokens
+             # (16384: the bench's prefill steps), then symm_norm fused at those sizes. Two multiruns (max_tokens is symm_norm's alone).
              [ "$ngpu" -ge 2 ] && { stage=ce lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
-                 +strategy=${CE_STRATEGIES:-blocking,none,async_ce,async}
+                 +strategy=${CE_STRATEGIES:-blocking,none,none_mb,async_ce,async}
                [ "${CE_SYMM_LARGE:-1}" = 1 ] && stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
+    lamport_pps)  # lamport_norm with 1, 2, 4 kernel programs per SM at decode (it lost to symm_norm at batch 512 with
+             # one program per SM, session 8); run it in the call that runs `decode`, whose references it needs
+             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP "workload.batch_sizes=[128,256,512]" \
+               +strategy=lamport_norm strategy.programs_per_sm=1,2,4 ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;

@@ -7,6 +7,7 @@ once GEMM shapes differ, e.g. chunked). The symm test also replays the reduction
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -278,11 +279,12 @@ def test_async_ce_sums_match_nccl():
         assert max(res["errs"]) <= 0.02, (rank, res["errs"])  # bf16 rounding of the sum, relative to its max
 
 
-def _lamport_worker(rank: int, init_file: str, q) -> None:
+def _lamport_worker(rank: int, init_file: str, q, programs_per_sm: int = 1) -> None:
     """lamport_norm's kernel against NCCL + the RMSNorm layer at decode-to-prefill shapes (qwen3-8b's hidden):
     300 reductions issued back to back, so the slots are reused while the peer may still be one reduction
     behind; rank 1 stalls before every third one (rank 0 must wait, not read the sentinel as data). Each
-    partial is scaled by its index, so a stale row read shows up as the wrong multiple."""
+    partial is scaled by its index, so a stale row read shows up as the wrong multiple. programs_per_sm=4: the
+    rows spread over up to 4 programs per SM (up to 2048 rows: 528 programs on an H200)."""
     try:
         import torch.distributed as dist
 
@@ -292,7 +294,7 @@ def _lamport_worker(rank: int, init_file: str, q) -> None:
         from nanovllm_lab.layers.layernorm import RMSNorm
         info = init_distributed(rank, 2, "cuda", init_file)
         dev = torch.device(info.device)
-        s = LamportNormStrategy(LamportNormConfig(), info)
+        s = LamportNormStrategy(LamportNormConfig(programs_per_sm=programs_per_sm), info)
         s.prepare(2048, 4096, torch.bfloat16)
         norm = RMSNorm(4096, eps=1e-6).to(dev, torch.bfloat16)
         shared = torch.Generator(device=dev).manual_seed(7)  # the same residuals and weight on both ranks
@@ -325,8 +327,9 @@ def _lamport_worker(rank: int, init_file: str, q) -> None:
         q.put((rank, traceback.format_exc()))
 
 
-def test_lamport_norm_matches_nccl_and_the_norm_layer():
-    for rank, res in _two_ranks(_lamport_worker).items():
+@pytest.mark.parametrize("programs_per_sm", [1, 4])
+def test_lamport_norm_matches_nccl_and_the_norm_layer(programs_per_sm):
+    for rank, res in _two_ranks(functools.partial(_lamport_worker, programs_per_sm=programs_per_sm)).items():
         assert res["reductions"] == 300 and res["err"] == 0, (rank, res["reductions"], res["err"])
         assert max(res["errs"]) <= 0.02, (rank, max(res["errs"]))  # bf16 rounding, relative to the max
 

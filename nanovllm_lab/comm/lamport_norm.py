@@ -18,8 +18,13 @@ read and cleared slot s, has completed. One slot would not do: a peer one reduct
 rows this rank is still reading. The partial-sum buffer is local and single: the next GEMM that overwrites it
 runs after this rank's kernel on the same stream.
 
-The kernel's one assumption: its programs (at most one per SM) are all resident at once, so none waits on a peer
-whose pushing program cannot be scheduled. Inside this engine nothing else runs beside a decode step.
+The kernel's one assumption: its programs are all resident at once, so none waits on a peer whose pushing
+program cannot be scheduled. With one program per SM (`programs_per_sm=1`, the default and the measured setting)
+that holds whenever nothing else runs beside the kernel, as inside this engine's decode steps. Above 128 rows a
+program then handles several rows in turn, which is where lamport_norm lost to symm_norm on 2 x H200 (batch 512,
+results/LOG.md, session 8). `programs_per_sm` > 1 spreads the rows over more programs; it is safe only while that
+many fit on an SM at once (registers and threads: the compiled kernel's occupancy), and it is there to be swept,
+not yet measured. If they do not fit, a wait times out (the error flag below) instead of hanging forever.
 
 A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
 for) sets an error flag on the device instead of hanging; the result is then wrong; `check()` raises with the reason, and
@@ -50,12 +55,13 @@ class LamportNormConfig(StrategyConfig):
     max_tokens: int = 2048  # fused path up to this many tokens per step (receive buffer: 2 x tp x this many rows)
     local: bool = False     # tp=1: run the fused loop anyway (tests)
     spin_limit: int = _DEFAULT_SPIN_LIMIT  # polls of one row before a wait gives up and flags an error
+    programs_per_sm: int = 1  # kernel programs per SM (1 is measured; more: see the module docstring)
 
     def __post_init__(self) -> None:
-        for key in ("max_tokens", "spin_limit"):
+        for key, hi in (("max_tokens", 1 << 31), ("spin_limit", 1 << 31), ("programs_per_sm", 9)):
             v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 1 << 31:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer in [1, 2**31), got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < hi:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer in [1, {hi - 1}], got {v!r}")
         if not isinstance(self.local, bool):
             raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
 
@@ -70,6 +76,7 @@ class LamportNormStrategy(SymmNormStrategy):
         self.err: torch.Tensor | None = None       # the kernel's timeout flag
         self._kernel = None
         self.reductions = 0  # fused reductions issued (host count; a captured graph's are counted once)
+        self._max_grid: int | None = None  # programs per kernel: SMs x programs_per_sm (cuda)
         if self.device.type == "cuda":
             from nanovllm_lab.kernels import lamport_norm as k
             self._kernel = k.lamport_add_norm
@@ -92,6 +99,8 @@ class LamportNormStrategy(SymmNormStrategy):
             self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(self.world_size)]
         if self._kernel is not None:
             from nanovllm_lab.kernels.lamport_norm import clear_
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self._max_grid = sms * self.cfg.programs_per_sm
             clear_(self.peers[self.rank])
             if self.handle is not None:  # no peer may push before every buffer holds the sentinel
                 torch.cuda.synchronize(self.device)
@@ -110,7 +119,8 @@ class LamportNormStrategy(SymmNormStrategy):
             dst = [p[s, me, :n] for p in self.peers]                         # my rows, in every rank's buffer
             src = [self.peers[me][s, r, :n] for r in range(self.world_size)]  # every rank's rows, in mine
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-            out = self._kernel(partial, dst, src, residual, weight, eps, self.err, self.cfg.spin_limit)
+            out = self._kernel(partial, dst, src, residual, weight, eps, self.err, self.cfg.spin_limit,
+                               grid=min(n, self._max_grid))
         else:
             out = sum_add_norm_reference([partial], residual, norm)
         self._slot ^= 1
