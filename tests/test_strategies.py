@@ -226,12 +226,13 @@ def test_overlap_skips_symm_norm_where_it_cannot_run(reference):
     assert set(got["history"].values()) == {"blocking", "rsag"}, got["history"]
 
 
-def test_overlap_skips_async_ce_where_it_cannot_run(reference):
-    """The bench's table shape (symm_norm for decode, async_ce for prefill; tests/data): on gloo neither can run,
-    so overlap runs blocking throughout instead of failing."""
-    got = run_scenario({"name": "overlap", "table": os.path.join(os.path.dirname(__file__), "data",
-                                                                 "overlap_async_ce_table.json")})
-    assert_same(got, reference, "overlap with an async_ce table on gloo")
+@pytest.mark.parametrize("table", ["overlap_async_ce_table.json", "overlap_lamport_table.json"])
+def test_overlap_skips_symmetric_memory_delegates_where_they_cannot_run(reference, table):
+    """The bench's table shape (symm_norm for decode, async_ce for prefill) and the lamport_norm / symm_norm
+    switching table (tests/data): on gloo none of them can run, so overlap runs blocking throughout instead of
+    failing."""
+    got = run_scenario({"name": "overlap", "table": os.path.join(os.path.dirname(__file__), "data", table)})
+    assert_same(got, reference, f"overlap with {table} on gloo")
     assert set(got["history"].values()) == {"blocking"}, got["history"]
 
 
@@ -266,6 +267,27 @@ def test_none_mb_is_none_split_into_micro_batches():
     for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
     assert "none_mb" not in delegates() and "none" not in delegates() and "async" in delegates()
+
+
+def test_none_mb_rejects_a_communicator():
+    from nanovllm_lab.comm import resolve_strategy
+    with pytest.raises(ValueError, match="'none_mb' communicates nothing: comm_max_ctas must be 0"):
+        resolve_strategy({"name": "none_mb", "comm_max_ctas": 8})
+
+
+def test_a_device_side_reduction_error_fails_generate():
+    """lamport_norm's timed-out wait sets a device flag; check() turns it into an error naming the cause, and the
+    engine calls check() at the end of generate(), so such a run fails instead of returning tokens."""
+    from nanovllm_lab.comm import lamport_norm
+    with LLM("tiny", strategy={"name": "lamport_norm", "local": True},
+             **{**ENGINE, "tensor_parallel_size": 1}) as llm:
+        s = llm.model_runner.strategy
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)  # flag clear: fine
+        s.err.fill_(1)  # on CPU the fused loop runs PyTorch's arithmetic: set the flag as the kernel would
+        with pytest.raises(RuntimeError, match="lamport_norm: a peer's rows never arrived within spin_limit"):
+            llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+        s.err.zero_()
+        assert isinstance(s, lamport_norm.LamportNormStrategy)
 
 
 def test_symm_on_cpu_tp2_is_a_clear_error():

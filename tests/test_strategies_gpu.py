@@ -58,6 +58,9 @@ STRATEGIES = {
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
     "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                    "data", "overlap_symm_norm_table.json")},
+    # overlap switching between lamport_norm (decode <= 4, prefill <= 32 tokens) and symm_norm (larger decode)
+    "overlap-lamport": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                 "data", "overlap_lamport_table.json")},
     # overlap as the bench runs it since session 7: symm_norm for decode, async_ce for prefill
     "overlap-async_ce": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "data", "overlap_async_ce_table.json")},
@@ -128,6 +131,8 @@ def test_float32_matches_blocking(key, eager):
     assert got["graphs"] == (not eager)
     if key == "overlap-symm_norm":  # the table's two delegates both ran
         assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
+    if key == "overlap-lamport":
+        assert {"lamport_norm", "symm_norm"} <= set(got["history"]), got["history"]
     if key == "overlap-async_ce":
         assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
@@ -206,7 +211,7 @@ def _two_ranks(target) -> dict:
         try:
             results = dict(q.get(timeout=300) for _ in procs)
         except queue.Empty:
-            pytest.fail(f"{target.__name__} workers did not answer in 300 s")
+            pytest.fail(f"{getattr(target, '__name__', repr(target))} workers did not answer in 300 s")
         finally:
             for p in procs:
                 p.join(timeout=30)

@@ -123,6 +123,10 @@ class CommStrategy:
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         """Called once after the model is built (allocate buffers, streams)."""
 
+    def check(self) -> None:
+        """Raise if this rank's reductions went wrong in a way only the device knows (lamport_norm's timed-out
+        waits). A host sync: the engine calls it once per generate() and the lab once per job, not per step."""
+
     def close(self) -> None:
         pass
 

@@ -20,18 +20,24 @@ runs after this rank's kernel on the same stream.
 
 The kernel's one assumption: its programs are all resident at once, so none waits on a peer whose pushing
 program cannot be scheduled. With one program per SM (`programs_per_sm=1`, the default and the measured setting)
-that holds whenever nothing else runs beside the kernel, as inside this engine's decode steps. Above 128 rows a
-program then handles several rows in turn, which is where lamport_norm lost to symm_norm on 2 x H200 (batch 512,
-results/LOG.md, session 8). `programs_per_sm` > 1 spreads the rows over more programs; it is safe only while that
-many fit on an SM at once (registers and threads: the compiled kernel's occupancy), and it is there to be swept,
-not yet measured. If they do not fit, a wait times out (the error flag below) instead of hanging forever.
+that holds whenever nothing else runs beside the kernel, as inside this engine's decode steps. Above one row per
+SM (132 on an H200) a program then handles several rows in turn, which is where lamport_norm lost to symm_norm
+on 2 x H200 (batch 512, results/LOG.md, session 8). `programs_per_sm` > 1 spreads the rows over more programs; it is safe only while that
+many fit on an SM at once (registers and threads: the compiled kernel's occupancy), which nothing checks; it is
+there to be swept, not yet measured. With in-order block dispatch even a grid that does not fit usually
+completes, so a passing run does not prove residency. If programs starve, a wait times out (the error flag
+below) instead of hanging forever.
 
 A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
-for) sets an error flag on the device instead of hanging; the result is then wrong; `check()` raises with the reason, and
-`close()` logs it (an error there must not keep the engine from releasing its process group). Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop;
-`local=True` runs the fused loop at tp=1 with PyTorch's arithmetic on CPU, as symm_norm's does, for the CPU
-tests. The kernel's own CPU tests run it under the Triton interpreter with simulated ranks. On gloo, asking
-for this strategy is a clear error.
+for) sets an error flag on the device instead of hanging; the result is then wrong. `check()` raises with the
+reason: the engine calls it at the end of each generate() and the lab after each job, so such a run fails
+instead of being recorded. It reads this rank's flag only: a worker rank's timeout is logged by its `close()`
+(an error there must not keep the engine from releasing its process group). After a timeout a rank no longer
+waits but still pushes, so it can run ahead of its peers and their results are wrong too.
+
+Steps of more than `max_tokens` tokens, and tp=1, run the blocking loop; `local=True` runs the fused loop at
+tp=1 with PyTorch's arithmetic on CPU, as symm_norm's does, for the CPU tests. The kernel's own CPU tests run
+it under the Triton interpreter with simulated ranks. On gloo, asking for this strategy is a clear error.
 """
 from __future__ import annotations
 
@@ -83,9 +89,14 @@ class LamportNormStrategy(SymmNormStrategy):
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         capacity = min(self.cfg.max_tokens, max_tokens)
+        if capacity * hidden_size >= 1 << 31:  # the kernel indexes a slot with int32
+            raise ValueError(f"strategy {self.name!r}: max_tokens={capacity} x hidden {hidden_size} elements is "
+                             f"too many for one slot (the kernel indexes with int32); lower max_tokens")
         if self.world_size == 1 and not self.cfg.local:
             return
         if self.world_size > 1 and dtype not in _SUPPORTED_DTYPES:
+            log.warning("strategy %r: %s is not among the symmetric-memory dtypes %s; every step runs the blocking "
+                        "loop", self.name, dtype, _SUPPORTED_DTYPES)
             return
         self._partial = torch.empty((capacity, hidden_size), dtype=dtype, device=self.device)
         self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -128,8 +139,8 @@ class LamportNormStrategy(SymmNormStrategy):
         return out
 
     def check(self) -> None:
-        """Raise if a wait timed out since the buffers were made (a host sync: not for the step loop)."""
-        if self.err is not None and self._kernel is not None and int(self.err.item()):
+        """Raise if one of this rank's waits timed out since the buffers were made (a host sync)."""
+        if self.err is not None and int(self.err.item()):
             raise RuntimeError("lamport_norm: a peer's rows never arrived within spin_limit polls; the results "
                                "since then are wrong (was a peer stalled or dead?)")
 

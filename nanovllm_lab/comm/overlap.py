@@ -229,6 +229,10 @@ class OverlapStrategy(CommStrategy):
                 seen.add(id(s))
                 s.prepare(max_tokens, hidden_size, dtype)
 
+    def check(self) -> None:
+        for s in self.delegates.values():
+            s.check()
+
     def close(self) -> None:
         for s in self.delegates.values():
             s.close()

@@ -157,6 +157,7 @@ class LLMEngine:
                 outputs[seq_id] = toks
                 bar.update(1)
         bar.close()
+        self.model_runner.strategy.check()  # a reduction that went wrong on the device fails the call, not silently
         results = []
         for sid in seq_ids:
             toks = outputs[sid]

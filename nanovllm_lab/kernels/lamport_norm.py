@@ -16,8 +16,9 @@ Lamport-clock style of TensorRT-LLM's and vLLM's custom all-reduces, written in 
   (comm/lamport_norm.py): a peer cannot push into a slot again before this rank has finished the reduction after
   the one that read it, so the clear always lands first.
 - A wait gives up after `spin_limit` polls of a row: it sets `err[0]` and uses what it read (the result is then
-  wrong, and the strategy reports it). Once `err[0]` is set, later calls do not wait at all, so a dead peer
-  costs one timeout, not one per reduction.
+  wrong; the strategy's `check()` raises on the flag, and the engine calls it at the end of each generate() and
+  the lab after each job). Once `err[0]` is set, later calls do not wait at all, so a dead peer costs one
+  timeout, not one per reduction.
 
 The rounding is the one-shot kernel's (float32 sum over ranks 0..world-1, rounded, then `_add_norm_store`).
 `PUSH` / `WAIT` split the kernel in two phases for the CPU tests, where the Triton interpreter runs one
@@ -135,6 +136,8 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
     if not 1 <= world <= MAX_WORLD or len(src) != world:
         raise ValueError(f"lamport_add_norm takes 1 to {MAX_WORLD} destination and as many source buffers, "
                          f"got {len(dst)} and {len(src)}")
+    if not partial.is_floating_point() or partial.element_size() not in _INT_VIEW:
+        raise ValueError(f"lamport_add_norm sums 2- or 4-byte floating-point partial sums, got {partial.dtype}")
     if partial.dim() != 2 or not partial.is_contiguous():
         raise ValueError(f"lamport_add_norm needs a contiguous [n, hidden] partial sum, got {tuple(partial.shape)}")
     n, hidden = partial.shape
@@ -142,8 +145,11 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
         if b.shape != (n, hidden) or b.dtype != partial.dtype or not b.is_contiguous():
             raise ValueError(f"lamport_add_norm needs contiguous [{n}, {hidden}] {partial.dtype} buffers, got "
                              f"{tuple(b.shape)} {b.dtype}")
-    if err.dtype != torch.int32 or err.numel() < 1:
-        raise ValueError("lamport_add_norm needs an int32 error flag")
+    if err.dtype != torch.int32 or err.numel() < 1 or err.device != partial.device:
+        raise ValueError(f"lamport_add_norm needs an int32 error flag on {partial.device}, got {err.dtype} on "
+                         f"{err.device}")
+    if spin_limit < 1 or (grid is not None and grid < 1):
+        raise ValueError(f"lamport_add_norm needs spin_limit >= 1 and grid >= 1, got {spin_limit} and {grid}")
     _check_norm_args("lamport_add_norm", n, hidden, residual, weight)
     if n * hidden >= 1 << 31:
         raise ValueError(f"lamport_add_norm indexes with int32: {n} x {hidden} elements is too many")

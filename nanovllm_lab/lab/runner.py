@@ -84,6 +84,8 @@ def _execute(settings: RunSettings, workload: Workload, run_dir: Path) -> tuple[
                       "valid_outputs": cls.valid_outputs}
         ctx = RunContext(settings, llm, recorder, run_dir)
         result = workload.run(ctx)
+        if llm is not None:
+            llm.model_runner.strategy.check()  # e.g. lamport_norm's timed-out waits: the job fails, not its numbers
         ctx.llm = None
     finally:
         if llm is not None:
