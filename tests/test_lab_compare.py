@@ -168,3 +168,31 @@ def test_trace_table_gives_compute_interference_against_none():
     assert pd.isna(t.loc[(2, "none"), "compute_interference"]) and pd.isna(t.loc[(4, "blocking"), "compute_interference"])
     assert t.loc[(2, "async_ce"), "exposed_comm_ms"] == pytest.approx(4.4)
     assert t.loc[(2, "async_ce"), "ce_copy_share"] == pytest.approx(27 / 65)
+
+
+def test_wandb_report_carries_every_table(tmp_path, monkeypatch):
+    """The report's wandb run holds the runs, steps and traces tables (NaN cells as None, which wandb accepts),
+    not only what was there before the Traces table existed."""
+    import sys
+    import types
+
+    from nanovllm_lab.lab.compare import Report, log_report_to_wandb
+    logged: dict = {}
+
+    class FakeRun:
+        def log(self, payload):
+            logged.update(payload)
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: FakeRun()
+    fake.Settings = lambda **kw: kw
+    fake.Table = lambda dataframe: ("table", dataframe)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    frame = pd.DataFrame({"strategy": ["none", "async_ce"], "compute_interference": [float("nan"), 0.06]})
+    rep = Report(root=tmp_path, runs=frame, failed=pd.DataFrame(), layer=pd.DataFrame(), steps=frame, traces=frame)
+    log_report_to_wandb(rep)
+    assert {"runs", "steps", "traces"} <= set(logged) and "layer" not in logged
+    assert logged["traces"][1]["compute_interference"].tolist() == [None, 0.06]

@@ -285,13 +285,13 @@ def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = 
     from nanovllm_lab.lab.loggers import figure_image, wandb_settings
     run = wandb.init(project=project, group=rep.root.name, job_type="report", name=f"report_{rep.root.name}",
                      dir=str(rep.root), mode=mode, reinit="finish_previous", settings=wandb_settings(60.0))
-    payload: dict[str, Any] = {"runs": wandb.Table(dataframe=rep.runs.astype(object).where(rep.runs.notna(), None))}
-    if not rep.layer.empty:
-        payload["layer"] = wandb.Table(dataframe=rep.layer)
-    if not rep.scaling.empty:
-        payload["scaling"] = wandb.Table(dataframe=rep.scaling.astype(object).where(rep.scaling.notna(), None))
-    if not rep.steps.empty:
-        payload["steps"] = wandb.Table(dataframe=rep.steps.astype(object).where(rep.steps.notna(), None))
+    def table(df: pd.DataFrame) -> "wandb.Table":  # NaN -> None: wandb tables reject NaN in object columns
+        return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
+
+    payload: dict[str, Any] = {"runs": table(rep.runs)}
+    for name, df in (("layer", rep.layer), ("scaling", rep.scaling), ("steps", rep.steps), ("traces", rep.traces)):
+        if not df.empty:
+            payload[name] = table(df)
     payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})
     run.log(payload)
     run.finish()
