@@ -133,7 +133,7 @@ class LayerWorkloadSchema(WorkloadSchema):
 
     arch: Optional[str] = None      # default: model.name
     strategies: list[str] = field(default_factory=lambda: ["blocking", "async", "chunked", "symm", "rsag",
-                                                           "async_rsag", "symm_norm"])
+                                                           "async_rsag", "symm_norm", "lamport_norm"])
     tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 2048, 8192])
     phases: list[str] = field(default_factory=lambda: ["decode", "prefill"])
     repeats: int = 20
