@@ -290,24 +290,10 @@ def test_a_device_side_reduction_error_fails_generate():
         assert isinstance(s, lamport_norm.LamportNormStrategy)
 
 
-def test_symm_on_cpu_tp2_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"'symm' needs CUDA GPUs with peer access.*gloo on cpu"):
-        LLM("tiny", strategy="symm", **ENGINE)
-
-
-def test_symm_norm_on_cpu_tp2_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"'symm_norm' needs CUDA GPUs with peer access.*gloo on cpu"):
-        LLM("tiny", strategy="symm_norm", **ENGINE)
-
-
-def test_async_ce_on_cpu_tp2_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"'async_ce' needs CUDA GPUs with peer access.*gloo on cpu"):
-        LLM("tiny", strategy="async_ce", **ENGINE)
-
-
-def test_lamport_norm_on_cpu_tp2_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"'lamport_norm' needs CUDA GPUs with peer access.*gloo on cpu"):
-        LLM("tiny", strategy="lamport_norm", **ENGINE)
+@pytest.mark.parametrize("name", ["symm", "symm_norm", "async_ce", "lamport_norm"])
+def test_symmetric_memory_strategy_on_cpu_tp2_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=rf"'{name}' needs CUDA GPUs with peer access.*gloo on cpu"):
+        LLM("tiny", strategy=name, **ENGINE)
 
 
 @pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"spin_limit": 1 << 31}, {"local": "yes"}, {"programs_per_sm": 9}])

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm_lab.comm.base import StrategyConfig, register_strategy
-from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, linear_into, rendezvous_buffer
+from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, rendezvous_buffer
 from nanovllm_lab.comm.symm_norm import SymmNormStrategy, sum_add_norm_reference
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class LamportNormConfig(StrategyConfig):
 
 @register_strategy("lamport_norm", LamportNormConfig)
 class LamportNormStrategy(SymmNormStrategy):
-    """symm_norm's layer loop (`run_layers`, slot alternation); its own buffers and `_reduce`."""
+    """symm_norm's layer loop (`run_layers`, slot alternation, `row_parallel`); its own buffers, `_partial_out`
+    and `_reduce`."""
 
     def __init__(self, cfg: LamportNormConfig, info) -> None:
         super().__init__(cfg, info)  # availability check, buffers' bookkeeping
@@ -118,10 +119,8 @@ class LamportNormStrategy(SymmNormStrategy):
                 self.handle.barrier(channel=0)
                 torch.cuda.synchronize(self.device)
 
-    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._slot < 0:
-            return self.all_reduce(torch.nn.functional.linear(x, weight, bias))
-        return linear_into(self._partial[: x.shape[0]], x, weight, bias)
+    def _partial_out(self, n: int) -> torch.Tensor:
+        return self._partial[:n]  # local: the kernel pushes the rows to the peers itself
 
     def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         partial = self._partial[:n]

@@ -40,7 +40,7 @@ from nanovllm_lab.utils.context import get_context
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
-NOT_DELEGATES = ("overlap", "none")  # itself, and the bound; any other strategy with valid_outputs False too
+NOT_DELEGATES = ("overlap",)  # itself; the bounds (valid_outputs False: none, none_mb) are left out by delegates()
 SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
 
 

@@ -126,7 +126,11 @@ class SymmNormStrategy(CommStrategy):
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._slot < 0:
             return self.all_reduce(F.linear(x, weight, bias))
-        return linear_into(self.peers[self.rank][self._slot, : x.shape[0]], x, weight, bias)
+        return linear_into(self._partial_out(x.shape[0]), x, weight, bias)
+
+    def _partial_out(self, n: int) -> torch.Tensor:
+        """Where the fused loop's GEMM writes its [n, hidden] partial sum: this rank's current symmetric slot."""
+        return self.peers[self.rank][self._slot, :n]
 
     def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """The partial sums in the current slot -> (norm(residual + sum), residual + sum), or with norm=None
