@@ -80,9 +80,12 @@ for stage in $stages; do
                [ "${CE_SYMM_LARGE:-1}" = 1 ] && stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
     lamport_pps)  # lamport_norm with 1, 2, 4 kernel programs per SM at decode (it lost to symm_norm at batch 512 with
-             # one program per SM, session 8); run it in the call that runs `decode`, whose references it needs
-             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP "workload.batch_sizes=[128,256,512]" \
-               +strategy=lamport_norm strategy.programs_per_sm=1,2,4 ;;
+             # one program per SM, session 8), after blocking, none and symm_norm at the same batches in the same call
+             # (PPS_REFS=0 skips them when `decode` ran in the call). 192: the bench's batches 129-256.
+             [ "$ngpu" -ge 2 ] && { B="workload.batch_sizes=[128,192,256,512]"
+               [ "${PPS_REFS:-1}" = 1 ] && stage=lamport_pps_refs lab -m workload=decode model=$M tp=$TP "$B" \
+                 +strategy=blocking,none,symm_norm
+               lab -m workload=decode model=$M tp=$TP "$B" +strategy=lamport_norm strategy.programs_per_sm=1,2,4; } ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
