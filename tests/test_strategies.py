@@ -136,6 +136,9 @@ STRATEGIES = {
     # the copy-engine transport's slot logic, its peers' rows fetched by an all-gather on gloo
     "async_ce": {"name": "async_ce", "emulate": True, "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "emulate": True, "micro_batches": 3, "stages": "layer", "min_tokens": 1},
+    # GEMM-fused gather / scatter, each half unfused on gloo: odd token counts pad the scatters, one-token decode too
+    "async_tp": {"name": "async_tp", "emulate": True, "min_tokens": 1},
+    "async_tp-fallback": {"name": "async_tp", "emulate": True, "min_tokens": 8},  # decode steps: the blocking loop
 }
 
 
@@ -179,7 +182,7 @@ def test_async_ce_sums_inside_the_norm():
 OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
             "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
             "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded,
-            "async_ce": through_slots, "async_ce-3-layer": through_slots}
+            "async_ce": through_slots, "async_ce-3-layer": through_slots, "async_tp": sharded, "async_tp-fallback": sharded}
 
 
 def test_reference_issues_all_reduces(reference):
@@ -290,7 +293,7 @@ def test_a_device_side_reduction_error_fails_generate():
         assert isinstance(s, lamport_norm.LamportNormStrategy)
 
 
-@pytest.mark.parametrize("name", ["symm", "symm_norm", "async_ce", "lamport_norm"])
+@pytest.mark.parametrize("name", ["symm", "symm_norm", "async_ce", "lamport_norm", "async_tp"])
 def test_symmetric_memory_strategy_on_cpu_tp2_is_a_clear_error(name):
     with pytest.raises(ValueError, match=rf"'{name}' needs CUDA GPUs with peer access.*gloo on cpu"):
         LLM("tiny", strategy=name, **ENGINE)
@@ -319,6 +322,7 @@ def test_symm_norm_does_not_need_the_symm_all_reduce_ops(monkeypatch):
     assert symm.unavailable_reason(info, "async_ce") is None  # copies and a barrier: no symm_mem collective
     assert symm.unavailable_reason(info, "symm_norm") is None
     assert symm.unavailable_reason(info, "lamport_norm") is None
+    assert "fused_all_gather_matmul" in symm.unavailable_reason(info, "async_tp")  # PyTorch's async-TP operators
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
     assert "peer access" in symm.unavailable_reason(info, "symm_norm")
 
@@ -366,7 +370,7 @@ def test_every_strategy_runs_at_tp1():
     kw = {**ENGINE, "tensor_parallel_size": 1}
     results = {}
     for s in ["blocking", "symm", {"name": "async", "min_tokens": 1}, {"name": "chunked", "min_tokens_per_chunk": 1},
-              "overlap", "symm_norm", "async_ce", "lamport_norm"]:
+              "overlap", "symm_norm", "async_ce", "lamport_norm", "async_tp"]:
         with LLM("tiny", strategy=s, **kw) as llm:
             results[str(s)] = [o["token_ids"] for o in llm.generate(BATCH_A[:3], GREEDY, use_tqdm=False)]
     assert all(r == results["blocking"] for r in results.values()), results
@@ -391,6 +395,8 @@ def test_unknown_strategy_lists_the_valid_names():
     ({"name": "symm_norm", "shots": True}, ValueError, "shots"),
     ({"name": "async_ce", "emulate": "yes"}, ValueError, "emulate must be true or false"),
     ({"name": "async_ce", "micro_batches": 0}, ValueError, "micro_batches"),
+    ({"name": "async_tp", "min_tokens": 0}, ValueError, "min_tokens must be an integer >= 1"),
+    ({"name": "async_tp", "min_tokens": 4096, "max_tokens": 2048}, ValueError, "min_tokens .4096. exceeds max_tokens"),
     ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
     ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),
 ])

@@ -55,6 +55,8 @@ STRATEGIES = {
     # copy-engine reductions (eager steps; CUDA-graph capture takes the NCCL path), 2 and 3 micro-batches
     "async_ce": {"name": "async_ce", "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},
+    # each reduction fused with its GEMM (torch's async-TP operators); every prefill and eager decode step fused
+    "async_tp": {"name": "async_tp", "min_tokens": 1},
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
     "overlap-symm_norm": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                    "data", "overlap_symm_norm_table.json")},
@@ -88,6 +90,7 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
                 "lamport": (getattr(llm.model_runner.strategy, "reductions", None),  # lamport_norm: fused calls
                             int(llm.model_runner.strategy.err.item())                # and its timeout flag
                             if getattr(llm.model_runner.strategy, "err", None) is not None else None),
+                "fused_gemms": getattr(llm.model_runner.strategy, "fused_gemms", None),  # async_tp
                 "history": sorted(set(getattr(llm.model_runner.strategy, "history", {}).values()))}  # overlap's picks
     finally:
         if exit_engine:
@@ -137,6 +140,8 @@ def test_float32_matches_blocking(key, eager):
         assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
         assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
+    if key == "async_tp":  # the fused operators ran (prefill steps; decode too when eager, not under capture)
+        assert got["fused_gemms"] > 0, got["fused_gemms"]
     if key.startswith("lamport_norm"):  # its own kernel ran, and no wait timed out
         assert got["lamport"][0] > 0 and got["lamport"][1] == 0, got["lamport"]
     assert got["tokens"] == ref["tokens"], key
@@ -145,7 +150,7 @@ def test_float32_matches_blocking(key, eager):
 
 
 @pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot",
-                                 "async_ce", "lamport_norm"])
+                                 "async_ce", "lamport_norm", "async_tp"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
     assert got["tokens"][0][0] == ref["tokens"][0][0]

@@ -93,6 +93,11 @@ class CommStrategy:
         """A row-parallel GEMM (x holds this rank's slice of the input features) and its reduction."""
         return self.all_reduce(F.linear(x, weight, bias))
 
+    def column_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A column-parallel GEMM (this rank's slice of the output features). No communication, except for
+        strategies that keep activations sharded by token and fuse their gather into it (async_tp)."""
+        return F.linear(x, weight, bias)
+
     def reduce_embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(x)
 

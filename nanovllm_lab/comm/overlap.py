@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
 NOT_DELEGATES = ("overlap",)  # itself; the bounds (valid_outputs False: none, none_mb) are left out by delegates()
-SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
+SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm", "async_tp")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
 
 
 def delegates() -> list[str]:
@@ -221,6 +221,9 @@ class OverlapStrategy(CommStrategy):
 
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._active.row_parallel(x, weight, bias)
+
+    def column_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._active.column_parallel(x, weight, bias)
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         seen = set()

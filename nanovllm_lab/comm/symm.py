@@ -57,7 +57,7 @@ class SymmConfig(StrategyConfig):
 # The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm and
 # async_ce only map the buffers (and use the handle's barrier), so a torch without those ops must not rule them out.
 NEEDED_OPS = {"symm": ("one_shot_all_reduce", "two_shot_all_reduce_"), "symm_norm": (), "async_ce": (),
-              "lamport_norm": ()}
+              "lamport_norm": (), "async_tp": ("fused_all_gather_matmul", "fused_matmul_reduce_scatter")}
 
 
 def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
@@ -121,6 +121,29 @@ def rendezvous_buffer(numel: int, dtype: torch.dtype, device: torch.device):
     buf = symm_mem.empty(numel, dtype=dtype, device=device)
     _align_store_exchange(group, device)
     return buf, _rendezvous(buf, group.group_name)
+
+
+def rendezvous_workspace(min_bytes: int, device: torch.device) -> None:
+    """PyTorch's own symmetric workspace of the default group (the one its async-TP operators use), allocated
+    now with at least `min_bytes` and counted like `rendezvous_buffer`. Collective. A workspace cached under the
+    same group name by an earlier engine of this process belongs to a dead group: it is dropped first."""
+    import torch.distributed._symmetric_memory as symm_mem
+    global _rendezvous_done
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    group = dist.group.WORLD
+    forget_workspace(group.group_name)
+    _align_store_exchange(group, device)
+    symm_mem.get_symm_mem_workspace(group.group_name, min_size=min_bytes)
+    _rendezvous_done += 1
+
+
+def forget_workspace(group_name: str) -> None:
+    """Drop PyTorch's cached workspace of a group name (see `rendezvous_workspace`)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        getattr(symm_mem, "_group_name_to_workspace_tensor", {}).pop(group_name, None)
+    except ImportError:
+        pass
 
 
 def _align_store_exchange(group, device) -> None:

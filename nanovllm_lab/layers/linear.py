@@ -1,7 +1,9 @@
 """Tensor-parallel linear layers (Megatron style).
 
-Column-parallel layers split the output features across ranks and need no communication; the row-parallel
-layer splits the input features, so its partial sums are reduced by the installed communication strategy.
+Column-parallel layers split the output features across ranks and need no communication (a strategy that keeps
+activations sharded by token may fuse its all-gather into them); the row-parallel layer splits the input
+features, so its partial sums are reduced by the installed communication strategy. Both GEMMs go through the
+strategy.
 Each parameter has a `weight_loader(param, full_tensor[, shard_id])` that slices a checkpoint tensor for
 this rank and names the tensor when its shape is wrong.
 """
@@ -59,7 +61,7 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, output_size // tp_size(), bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return get_comm().column_parallel(x, self.weight, self.bias)
 
     def _load_part(self, param: nn.Parameter, loaded: torch.Tensor, offset: int, size: int, name: str) -> None:
         """Copy this rank's `size` rows of a packed part into rows [offset, offset+size) of the parameter."""

@@ -1,0 +1,141 @@
+"""`async_tp`: each reduction fused with the GEMM next to it, through PyTorch's async-TP operators.
+
+`rsag` splits every all-reduce into a reduce-scatter and an all-gather, with the residual add and RMSNorm on
+each rank's token shard in between. Here neither half runs alone: the reduce-scatter is fused with the
+row-parallel GEMM that produces its input, and the all-gather with the column-parallel GEMM that consumes its
+output (`torch.ops.symm_mem.fused_matmul_reduce_scatter` / `fused_all_gather_matmul`, the Flux / PyTorch async
+TP decomposition). Each splits its GEMM by token rows, one block per rank, and moves the blocks between the
+ranks' symmetric-memory workspaces with copy-engine copies while the other blocks' GEMMs run. Per decoder layer:
+
+    qkv = AG+GEMM(norm(shard))  ->  attention  ->  o_proj GEMM+RS  ->  add + norm on the shard
+    gate_up = AG+GEMM(...)      ->  SiLU-mul   ->  down GEMM+RS    ->  next layer
+
+so each reduction leaves exposed only what the operators cannot pipeline: a local copy and a barrier per
+gather, the last block's copy and the sum of the blocks per scatter. Why try it: prefill is where the issue's
+0.8 target is missed; micro-batching (`async_ce`) hides the transfers but splits the whole layer, attention
+included, while this splits only the GEMMs on either side of a reduction.
+
+- Steps below `min_tokens` (decode), above `max_tokens` (the workspace's size), at tp=1, and inside CUDA-graph
+  capture run the blocking loop: the operators' barriers cost more than they hide on small steps.
+- A model whose row-parallel layers have a bias (none in Qwen3) runs the blocking loop: the fused operator
+  has no bias, and only rank 0 holds it (layers/linear.py), so the ranks would disagree on the path.
+- The sums are NCCL's at tp=2 (two bf16 partials summed in float32, rounded once); GEMMs over row blocks may
+  round differently from one GEMM over all rows, so equality with blocking is within tolerance, not bitwise.
+- `emulate=True` runs the same loop on gloo with the two halves unfused (an all-gather then the GEMM, the GEMM
+  then a reduce-scatter), which is the operators' own definition: CPU tests check the sharding, padding and
+  hooks against blocking. Without it, asking for this strategy at tp>1 on gloo is a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
+from nanovllm_lab.comm.seqpar import all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
+from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, unavailable_reason
+
+
+@dataclass(frozen=True)
+class AsyncTpConfig(StrategyConfig):
+    name: str = "async_tp"
+    min_tokens: int = 1024   # below this many tokens in a step: blocking
+    max_tokens: int = 16384  # the workspace holds steps up to this many tokens; above: blocking
+    emulate: bool = False    # tp>1 without peer access (gloo, CPU tests): the two halves unfused
+
+    def __post_init__(self) -> None:
+        for key in ("min_tokens", "max_tokens"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 1, got {v!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"strategy {self.name!r}: min_tokens ({self.min_tokens}) exceeds max_tokens "
+                             f"({self.max_tokens})")
+        if not isinstance(self.emulate, bool):
+            raise ValueError(f"strategy {self.name!r}: emulate must be true or false, got {self.emulate!r}")
+
+
+def _row_parallel_bias(layers) -> bool:
+    return any(getattr(m, "bias", None) is not None for layer in layers
+               for m in (getattr(layer.self_attn, "o_proj", None), getattr(layer.mlp, "down_proj", None)))
+
+
+@register_strategy("async_tp", AsyncTpConfig)
+class AsyncTpStrategy(CommStrategy):
+    def __init__(self, cfg: AsyncTpConfig, info) -> None:
+        if not cfg.emulate:
+            reason = unavailable_reason(info, "async_tp")
+            if reason is not None:
+                raise ValueError(reason)
+        super().__init__(cfg, info)
+        self.group_name = dist.group.WORLD.group_name if self.world_size > 1 and not cfg.emulate else ""
+        self._n: int | None = None  # inside the fused loop: the step's token count
+        self._max_tokens = cfg.max_tokens
+        self.fused_gemms = 0        # GEMMs that ran fused with a gather or a scatter (tests, logs)
+
+    def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
+        """Allocate the operators' symmetric workspace for the largest step now: growing it is a collective
+        rendezvous, which must not happen lazily on one step (or at all inside a capture)."""
+        self._max_tokens = min(self.cfg.max_tokens, max_tokens)
+        if self.group_name:
+            rows = shard_rows(self._max_tokens, self.world_size)
+            # gather: one shard; scatter: two blocks of one shard each (double-buffered)
+            rendezvous_workspace(2 * rows * hidden_size * dtype.itemsize, self.device)
+
+    def close(self) -> None:
+        forget_workspace(self.group_name)
+        forget_group(self.group_name)
+
+    def applicable(self, ctx, num_tokens: int) -> bool:
+        if self.world_size == 1 or not self.cfg.min_tokens <= num_tokens <= self._max_tokens:
+            return False
+        return not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+    # -- the two fused halves ------------------------------------------------------------------------------
+    def column_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Inside the loop x is this rank's token shard: gather every rank's shard and multiply, pipelined."""
+        if self._n is None:
+            return F.linear(x, weight, bias)
+        self.fused_gemms += 1
+        if self.cfg.emulate:
+            return F.linear(all_gather_rows(x, self._n, self.world_size), weight, bias)
+        _, outs = torch.ops.symm_mem.fused_all_gather_matmul(x.contiguous(), [weight.t()], 0, self.group_name)
+        y = outs[0][:self._n]
+        return y if bias is None else y + bias
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Inside the loop: this rank's token shard of the reduced product (padded rows are zeros)."""
+        if self._n is None:
+            return self.all_reduce(F.linear(x, weight, bias))
+        if self.cfg.emulate:
+            return reduce_scatter_rows(F.linear(x, weight), self.world_size)
+        self.fused_gemms += 1
+        rows = shard_rows(x.shape[0], self.world_size)
+        pad = rows * self.world_size - x.shape[0]
+        x = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+        return torch.ops.symm_mem.fused_matmul_reduce_scatter(x, weight.t(), "sum", 0, self.group_name)
+
+    # -- the decoder stack ---------------------------------------------------------------------------------
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        if not self.applicable(None, n) or not has_layer_parts(*layers) or _row_parallel_bias(layers):
+            return super().run_layers(layers, positions, hidden)
+        world = self.world_size
+        residual = token_shard(hidden, self.rank, world)  # the embedding is replicated: no collective
+        summed = None  # this rank's shard of the last reduction, not yet added to the residual
+        self._n = n
+        try:
+            for layer in layers:
+                if summed is None:
+                    h = layer.input_layernorm(residual)
+                else:
+                    h, residual = layer.input_layernorm(summed, residual)
+                attn = layer.self_attn(positions, h)  # qkv_proj gathers h; o_proj scatters its product
+                h, residual = layer.post_attention_layernorm(attn, residual)
+                summed = layer.mlp(h)                 # gate_up_proj gathers; down_proj scatters
+        finally:
+            self._n = None
+        # The model's final norm adds and normalises full tensors.
+        return all_gather_rows(summed, n, world), all_gather_rows(residual, n, world)
