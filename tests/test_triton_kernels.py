@@ -368,8 +368,43 @@ def test_lamport_rejects_bad_buffers():
         lamport_norm.clear_(torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="floating-point partial sums, got torch.int32"):
         lamport_add_norm(a.int(), [a.int()], [a.int()], None, None, 0.0, err)
-    with pytest.raises(ValueError, match="spin_limit >= 1 and grid >= 1"):
+    with pytest.raises(ValueError, match="spin_limit, grid and programs_per_sm >= 1"):
         lamport_add_norm(a, [a], [a], None, None, 0.0, err, grid=0)
+    with pytest.raises(ValueError, match="spin_limit, grid and programs_per_sm >= 1"):
+        lamport_add_norm(a, [a], [a], None, None, 0.0, err, programs_per_sm=0)
+
+
+def test_lamport_programs_per_sm_is_capped_by_occupancy(monkeypatch):
+    """programs_per_sm > 1 is only safe while that many programs fit on one SM at once: the cap comes from the
+    compiled kernel's registers (allocated per warp, 256 at a time), threads and shared memory."""
+    import types
+
+    from nanovllm_lab.kernels import lamport_norm
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+
+    def kernel(n_regs, warps=8, shared=0):
+        return types.SimpleNamespace(n_regs=n_regs, metadata=types.SimpleNamespace(num_warps=warps, shared=shared),
+                                     _init_handles=lambda: None)
+    assert lamport_norm._resident_per_sm(kernel(64), "cuda:0") == 4    # 64 x 256 threads = 16384 registers
+    assert lamport_norm._resident_per_sm(kernel(60), "cuda:0") == 4    # rounded up to 64 per thread
+    assert lamport_norm._resident_per_sm(kernel(128), "cuda:0") == 2
+    assert lamport_norm._resident_per_sm(kernel(255), "cuda:0") == 1
+    assert lamport_norm._resident_per_sm(kernel(16, warps=4), "cuda:0") == 16  # threads: 2048 / 128
+    assert lamport_norm._resident_per_sm(kernel(16, warps=4, shared=100_000), "cuda:0") == 2
+    assert lamport_norm._resident_per_sm(types.SimpleNamespace(), "cuda:0") is None  # the interpreter: unknown
+    # The kernel cannot be compiled here: the cap falls back to one program per SM, the always-safe grid.
+    monkeypatch.setattr(lamport_norm, "_RESIDENT", {})
+    monkeypatch.setattr(lamport_norm._lamport_allreduce_norm_kernel, "warmup",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no GPU")), raising=False)
+    a = torch.zeros(2, 8)
+    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 4) == 1
+    monkeypatch.setattr(lamport_norm._lamport_allreduce_norm_kernel, "warmup", lambda *a, **k: kernel(128),
+                        raising=False)
+    monkeypatch.setattr(lamport_norm, "_RESIDENT", {})
+    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 4) == 2
+    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 1) == 1
 
 
 def test_row_shards_cover_every_row_once():

@@ -19,14 +19,13 @@ rows this rank is still reading. The partial-sum buffer is local and single: the
 runs after this rank's kernel on the same stream.
 
 The kernel's one assumption: its programs are all resident at once, so none waits on a peer whose pushing
-program cannot be scheduled. With one program per SM (`programs_per_sm=1`, the default and the measured setting)
-that holds whenever nothing else runs beside the kernel, as inside this engine's decode steps. Above one row per
-SM (132 on an H200) a program then handles several rows in turn, which is where lamport_norm lost to symm_norm
-on 2 x H200 (batch 512, results/LOG.md, session 8). `programs_per_sm` > 1 spreads the rows over more programs; it is safe only while that
-many fit on an SM at once (registers and threads: the compiled kernel's occupancy), which nothing checks; it is
-there to be swept, not yet measured. With in-order block dispatch even a grid that does not fit usually
-completes, so a passing run does not prove residency. If programs starve, a wait times out (the error flag
-below) instead of hanging forever.
+program cannot be scheduled. That holds whenever nothing else runs beside the kernel, as inside this engine's
+decode steps, and the grid is no larger than what the SMs hold. Above one row per SM (132 on an H200) a program
+handles several rows in turn, which is where lamport_norm lost to symm_norm on 2 x H200 (batch 512, session 8).
+`programs_per_sm` > 1 spreads the rows over more programs, capped by the compiled kernel's occupancy (the
+kernel module checks it from the first launch). Measured on 2 x H200, qwen3-8b tp=2 decode (session 9): 2 and 4
+gave the same step time as 1 at batch 128 and 0.06-0.4 ms less per step at batch 192-512 (results/LOG.md). If
+programs starve anyway, a wait times out (the error flag below) instead of hanging forever.
 
 A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
 for) sets an error flag on the device instead of hanging; the result is then wrong. `check()` raises with the
@@ -83,7 +82,6 @@ class LamportNormStrategy(SymmNormStrategy):
         self.err: torch.Tensor | None = None       # the kernel's timeout flag
         self._kernel = None
         self.reductions = 0  # fused reductions issued (host count; a captured graph's are counted once)
-        self._max_grid: int | None = None  # programs per kernel: SMs x programs_per_sm (cuda)
         if self.device.type == "cuda":
             from nanovllm_lab.kernels import lamport_norm as k
             self._kernel = k.lamport_add_norm
@@ -111,8 +109,6 @@ class LamportNormStrategy(SymmNormStrategy):
             self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(self.world_size)]
         if self._kernel is not None:
             from nanovllm_lab.kernels.lamport_norm import clear_
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            self._max_grid = sms * self.cfg.programs_per_sm
             clear_(self.peers[self.rank])
             if self.handle is not None:  # no peer may push before every buffer holds the sentinel
                 torch.cuda.synchronize(self.device)
@@ -130,7 +126,7 @@ class LamportNormStrategy(SymmNormStrategy):
             src = [self.peers[me][s, r, :n] for r in range(self.world_size)]  # every rank's rows, in mine
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
             out = self._kernel(partial, dst, src, residual, weight, eps, self.err, self.cfg.spin_limit,
-                               grid=min(n, self._max_grid))
+                               programs_per_sm=self.cfg.programs_per_sm)
         else:
             out = sum_add_norm_reference([partial], residual, norm)
         self._slot ^= 1

@@ -10,8 +10,12 @@ Lamport-clock style of TensorRT-LLM's and vLLM's custom all-reduces, written in 
 - A pushed element that is -0.0 is sent as +0.0 (otherwise it would read as "not arrived"). The float32 sum can
   then differ from the one-shot kernel's only in the sign of an exact zero.
 - Each program handles rows pid, pid + grid, ...: it first pushes all of them, then waits for all of them. With
-  a grid no larger than the GPU's SM count every program is resident, so no waiting program can keep a peer's
-  pushing program from running (the one assumption of this scheme, as in TensorRT-LLM).
+  a grid no larger than the programs the GPU holds at once, every program is resident, so no waiting program can
+  keep a peer's pushing program from running (the one assumption of this scheme, as in TensorRT-LLM). The grid
+  is min(rows, SMs x programs_per_sm), and programs_per_sm is capped by what one SM holds of the compiled kernel
+  (registers, threads, shared memory: `_resident_per_sm`), read from the compiled kernel before its first launch.
+  Triton also specialises integer arguments (n_rows == 1, multiples of 16); the cap is taken from the first
+  variant compiled, whose register count the others share in practice (the code is the same).
 - After reading a row from a peer, the program writes the sentinel back there. The caller alternates two slots
   (comm/lamport_norm.py): a peer cannot push into a slot again before this rank has finished the reduction after
   the one that read it, so the clear always lands first.
@@ -26,11 +30,15 @@ simulated rank after another; on a GPU both are on.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm_lab.kernels.allreduce_norm import MAX_WORLD, _add_norm_store, _check_norm_args
+
+log = logging.getLogger(__name__)
 
 # Bit patterns of -0.0 read as the same-width signed integer: the "not arrived" sentinel.
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
@@ -110,6 +118,44 @@ def _lamport_allreduce_norm_kernel(x_ptr, d0, d1, d2, d3, d4, d5, d6, d7, s0, s1
             _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_cols, eps, NORM)
 
 
+# (device, dtype, WORLD, NORM, PUSH, WAIT, BLOCK) -> programs of that compiled kernel one SM holds at once
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_per_sm(compiled, device: torch.device) -> int | None:
+    """Programs of a compiled Triton kernel that one SM runs at once (None: unknown, e.g. the interpreter)."""
+    n_regs, meta = getattr(compiled, "n_regs", None), getattr(compiled, "metadata", None)
+    if not n_regs or meta is None:
+        return None
+    p = torch.cuda.get_device_properties(device)
+    threads = meta.num_warps * 32
+    regs = -(-n_regs * 32 // 256) * 256 * meta.num_warps  # registers are allocated per warp, 256 at a time
+    fits = [getattr(p, "regs_per_multiprocessor", 65536) // regs,
+            getattr(p, "max_threads_per_multi_processor", 2048) // threads, 32]
+    if getattr(meta, "shared", 0):
+        fits.append(getattr(p, "shared_memory_per_multiprocessor", 233472) // meta.shared)
+    return max(1, min(fits))
+
+
+def _programs_per_sm(args: tuple, meta: dict, asked: int) -> int:
+    """`asked`, capped by what one SM holds of the kernel these arguments compile to (compiled now, not run)."""
+    p = args[0]
+    key = (p.device, p.dtype, *sorted(meta.items()))
+    if key not in _RESIDENT:
+        per_sm = None
+        try:
+            compiled = _lamport_allreduce_norm_kernel.warmup(*args, grid=(1,), **meta)
+            compiled._init_handles()  # loads the binary: its register count
+            per_sm = _resident_per_sm(compiled, p.device)
+        except Exception as e:  # a Triton without these internals: one program per SM is always safe
+            log.warning("lamport_add_norm: could not read the kernel's occupancy (%s); one program per SM", e)
+        _RESIDENT[key] = per_sm or 1
+        if per_sm is not None and per_sm < asked:
+            log.warning("lamport_add_norm: %d programs per SM asked, one SM holds %d of this kernel (%d registers "
+                        "per thread); using %d", asked, per_sm, compiled.n_regs, per_sm)
+    return min(asked, _RESIDENT[key])
+
+
 def int_view(t: torch.Tensor) -> torch.Tensor:
     """A receive buffer as the signed integers the kernel compares with the sentinel."""
     if t.element_size() not in _INT_VIEW:
@@ -126,11 +172,12 @@ def clear_(t: torch.Tensor) -> torch.Tensor:
 def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor],
                      residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float, err: torch.Tensor,
                      spin_limit: int = DEFAULT_SPIN_LIMIT, grid: int | None = None, push: bool = True,
-                     wait: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     wait: bool = True, programs_per_sm: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sum_add_norm`'s contract over pushed rows. `partial`: this rank's [n, hidden] partial sum. `dst[p]`: the
     [n, hidden] block of rank p's receive buffer where this rank's rows go; `src[p]`: the block of this rank's
     receive buffer where rank p's rows arrive (all filled with the sentinel beforehand; left so afterwards).
-    `err`: one int32 on the device, set to 1 if a wait timed out. Returns (norm(residual + sum) * weight,
+    `err`: one int32 on the device, set to 1 if a wait timed out. `grid`: programs to launch (tests; default
+    min(n, SMs x programs_per_sm, capped by residency, see the module docstring)). Returns (norm(residual + sum) * weight,
     residual + sum), or without a weight (sum, residual)."""
     world = len(dst)
     if not 1 <= world <= MAX_WORLD or len(src) != world:
@@ -148,8 +195,9 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
     if err.dtype != torch.int32 or err.numel() < 1 or err.device != partial.device:
         raise ValueError(f"lamport_add_norm needs an int32 error flag on {partial.device}, got {err.dtype} on "
                          f"{err.device}")
-    if spin_limit < 1 or (grid is not None and grid < 1):
-        raise ValueError(f"lamport_add_norm needs spin_limit >= 1 and grid >= 1, got {spin_limit} and {grid}")
+    if spin_limit < 1 or (grid is not None and grid < 1) or programs_per_sm < 1:
+        raise ValueError(f"lamport_add_norm needs spin_limit, grid and programs_per_sm >= 1, got {spin_limit}, "
+                         f"{grid} and {programs_per_sm}")
     _check_norm_args("lamport_add_norm", n, hidden, residual, weight)
     if n * hidden >= 1 << 31:
         raise ValueError(f"lamport_add_norm indexes with int32: {n} x {hidden} elements is too many")
@@ -159,12 +207,17 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
     if n:
         d = [int_view(b) for b in dst] + [int_view(dst[0])] * (MAX_WORLD - world)
         s = [int_view(b) for b in src] + [int_view(src[0])] * (MAX_WORLD - world)
+        block = triton.next_power_of_2(hidden)
+        args = (partial, *d, *s, residual.contiguous() if norm else out, weight if norm else out, out,
+                res_out if norm else out, err, n, hidden, eps, spin_limit)
+        meta = dict(WORLD=world, SENT=SENTINEL[partial.element_size()], NORM=norm, PUSH=push, WAIT=wait,
+                    BLOCK=block, num_warps=8 if hidden >= 4096 else 4)
         if grid is None:  # every program resident (see the module docstring)
-            grid = n if partial.device.type != "cuda" else \
-                min(n, torch.cuda.get_device_properties(partial.device).multi_processor_count)
-        _lamport_allreduce_norm_kernel[(grid,)](
-            partial, *d, *s, residual.contiguous() if norm else out, weight if norm else out, out,
-            res_out if norm else out, err, n, hidden, eps, spin_limit, WORLD=world,
-            SENT=SENTINEL[partial.element_size()], NORM=norm, PUSH=push, WAIT=wait,
-            BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4)
+            if partial.device.type != "cuda":
+                grid = n
+            else:
+                sms = torch.cuda.get_device_properties(partial.device).multi_processor_count
+                per_sm = 1 if programs_per_sm == 1 else _programs_per_sm(args, meta, programs_per_sm)
+                grid = min(n, sms * per_sm)
+        _lamport_allreduce_norm_kernel[(grid,)](*args, **meta)
     return (out, res_out) if norm else (out, residual)
