@@ -17,8 +17,8 @@ included, while this splits only the GEMMs on either side of a reduction.
 
 Measured (2 x H200, qwen3-8b tp=2, eager prefill steps, p50 of 5; results/LOG.md, session 9): overlap efficiency
 0.36 at 8192 tokens and 0.42 at 16384, against async_ce's 0.54 / 0.58 in the same call; at 2048 tokens it was
-slower than blocking (80 against 62 ms): the operators are Python (workspace lookup, two streams, barriers, a
-separate sum) around 144 GEMMs a step, and a 2048-token step is host-paced.
+slower than blocking (80 against 62 ms). The operators are Python (workspace lookup, two streams, barriers, a
+separate sum) around 144 GEMMs a step; that 2048-token steps are paced by that host work is likely, not shown.
 
 - Steps below `min_tokens` (decode), above `max_tokens` (the workspace's size), at tp=1, and inside CUDA-graph
   capture run the blocking loop: the operators' barriers cost more than they hide on small steps.
