@@ -33,7 +33,8 @@ M=${MODEL:-qwen3-8b}   # the model of the tp>1 stages (qwen3-32b fits 2 x H200 t
 TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: issue 6)
 # The step sweeps' strategies, in run order: the references and the likely winners first, so that a sweep cut by
 # its box still has them.
-STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,symm_norm,overlap,async_ce,symm,rsag,async_rsag,chunked,async}
+# (qwen3-32b: about 70 s per strategy, so a 300 s box holds four.)
+STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,lamport_norm,symm_norm,overlap,async_ce,async_tp,symm,rsag,async_rsag,chunked,async}
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -73,10 +74,10 @@ for stage in $stages; do
              [ "$ngpu" -ge 2 ] && { stage=two_shot_refs lab -m workload=decode model=$M tp=$TP +strategy=blocking,none,symm
                stage=two_shot lab -m workload=decode model=$M tp=$TP +strategy=symm_norm strategy.shots=2,1; } ;;
     ce)      # async_ce (micro-batches whose reductions the copy engines move: no SMs taken from the GEMMs) against
-             # the references, none_mb (the split alone) and async (NCCL), prefill steps of 2048-16384 tokens
+             # the references, none_mb (the split alone), async_tp (GEMM-fused scatter/gather) and async (NCCL), prefill steps of 2048-16384 tokens
              # (16384: the bench's prefill steps), then symm_norm fused at those sizes. Two multiruns (max_tokens is symm_norm's alone).
              [ "$ngpu" -ge 2 ] && { stage=ce lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
-                 +strategy=${CE_STRATEGIES:-blocking,none,none_mb,async_ce,async}
+                 +strategy=${CE_STRATEGIES:-blocking,none,none_mb,async_ce,async_tp,async}
                [ "${CE_SYMM_LARGE:-1}" = 1 ] && stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
     lamport_pps)  # lamport_norm with 1, 2, 4 kernel programs per SM at decode (it lost to symm_norm at batch 512 with
