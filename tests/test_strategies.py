@@ -90,7 +90,7 @@ def run_scenario(strategy, tp: int = 2) -> dict:
         return {"outputs": out_a + out_b, "tokens": [o["token_ids"] for o in out_a + out_b], "logits": logits,
                 "cache_hits": llm.scheduler.block_manager.num_cache_hit_tokens - hits_before,
                 "history": dict(getattr(llm.model_runner.strategy, "history", {})),
-                "counters": {k: getattr(llm.model_runner.strategy, k) for k in ("copies", "fused")
+                "counters": {k: getattr(llm.model_runner.strategy, k) for k in ("copies", "fused", "fused_gemms")
                              if hasattr(llm.model_runner.strategy, k)},  # async_ce's own counts
                 "collectives": dict(collectives)}
     finally:
@@ -168,6 +168,31 @@ def through_slots(got: dict, ref: dict) -> bool:  # async_ce emulated: all-gathe
             and got.get("all_reduce", 0) < ref.get("all_reduce", 0))
 
 
+def fused_gemms(got: dict, ref: dict) -> bool:  # async_tp: GEMMs through the fused operators' reference code
+    return got.get("fused_gemms", 0) > 0 and got.get("all_reduce", 0) < ref.get("all_reduce", 0)
+
+
+def test_async_tp_falls_back_below_min_tokens():
+    """With min_tokens=8 the decode steps (at most 6 sequences here) take the blocking loop: more all-reduces and
+    fewer fused GEMMs than with every step fused."""
+    every = run_scenario({"name": "async_tp", "emulate": True, "min_tokens": 1})
+    prefill_only = run_scenario({"name": "async_tp", "emulate": True, "min_tokens": 8})
+    assert prefill_only["collectives"]["all_reduce"] > every["collectives"]["all_reduce"]
+    assert 0 < prefill_only["counters"]["fused_gemms"] < every["counters"]["fused_gemms"]
+
+
+def test_async_tp_odd_token_counts_match_blocking():
+    """Odd token counts (a 45-token prefill, 3-token decode steps) pad the fused scatters and slice the gathers:
+    the same greedy tokens as blocking, and the fused path ran."""
+    prompts = [list(range(1, 8)), list(range(3, 36)), [5, 4, 3, 2, 1]]
+    with LLM("tiny", strategy="blocking", **ENGINE) as llm:
+        ref = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    with LLM("tiny", strategy={"name": "async_tp", "emulate": True, "min_tokens": 1}, **ENGINE) as llm:
+        got = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.model_runner.strategy.fused_gemms > 0
+    assert got == ref
+
+
 def test_async_ce_sums_inside_the_norm():
     """With stages="half" each pending copy-engine reduction is consumed by the next stage's RMSNorm, which
     sums the parts itself (no separate add); with stages="layer" o_proj's reduction is summed by an add."""
@@ -182,7 +207,7 @@ def test_async_ce_sums_inside_the_norm():
 OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
             "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
             "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded,
-            "async_ce": through_slots, "async_ce-3-layer": through_slots, "async_tp": sharded, "async_tp-fallback": sharded}
+            "async_ce": through_slots, "async_ce-3-layer": through_slots, "async_tp": fused_gemms, "async_tp-fallback": fused_gemms}
 
 
 def test_reference_issues_all_reduces(reference):
@@ -194,7 +219,7 @@ def test_strategy_matches_blocking(key, reference):
     got = run_scenario(STRATEGIES[key])
     assert got["cache_hits"] == reference["cache_hits"]
     assert_same(got, reference, key)
-    assert OWN_PATH[key](got["collectives"], reference["collectives"]), (
+    assert OWN_PATH[key]({**got["collectives"], **got["counters"]}, reference["collectives"]), (
         f"{key} gave blocking's outputs without taking its own path: {got['collectives']} against blocking's "
         f"{reference['collectives']}")
 

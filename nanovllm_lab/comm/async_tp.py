@@ -22,13 +22,17 @@ separate sum) around 144 GEMMs a step; that 2048-token steps are paced by that h
 
 - Steps below `min_tokens` (decode), above `max_tokens` (the workspace's size), at tp=1, and inside CUDA-graph
   capture run the blocking loop: the operators' barriers cost more than they hide on small steps.
-- A model whose row-parallel layers have a bias (none in Qwen3) runs the blocking loop: the fused operator
-  has no bias, and only rank 0 holds it (layers/linear.py), so the ranks would disagree on the path.
-- The sums are NCCL's at tp=2 (two bf16 partials summed in float32, rounded once); GEMMs over row blocks may
-  round differently from one GEMM over all rows, so equality with blocking is within tolerance, not bitwise.
-- `emulate=True` runs the same loop on gloo with the two halves unfused (an all-gather then the GEMM, the GEMM
-  then a reduce-scatter), which is the operators' own definition: CPU tests check the sharding, padding and
-  hooks against blocking. Without it, asking for this strategy at tp>1 on gloo is a clear error.
+- A model whose row-parallel layers have a bias (none in Qwen3) runs the blocking loop: the fused operator has
+  no bias, and only rank 0 passes it to `row_parallel` (layers/linear.py adds it once).
+- The scatter sums the ranks' blocks with `torch.sum` over the stacked partials (float32 accumulation, rounded
+  once: NCCL's result at tp=2). GEMMs over row blocks may round differently from one GEMM over all rows, so
+  equality with blocking is within tolerance, not bitwise.
+- The gather keeps the operator's default `return_A=True`, which copies the local shard once more: with
+  `return_A=False` PyTorch may take a multimem (multicast) path, which must stay off on these machines.
+- `emulate=True` calls, with the same arguments, PyTorch's own reference implementations of the two operators
+  (`_fused_all_gather_matmul_fallback` / `_fused_matmul_reduce_scatter_fallback`: functional collectives, which
+  run on gloo): CPU tests check the sharding, padding, slicing and hooks against blocking. Without it, asking for
+  this strategy at tp>1 on gloo is a clear error.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
-from nanovllm_lab.comm.seqpar import all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
+from nanovllm_lab.comm.seqpar import all_gather_rows, shard_rows, token_shard
 from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, unavailable_reason
 
 
@@ -75,7 +79,17 @@ class AsyncTpStrategy(CommStrategy):
             if reason is not None:
                 raise ValueError(reason)
         super().__init__(cfg, info)
-        self.group_name = dist.group.WORLD.group_name if self.world_size > 1 and not cfg.emulate else ""
+        self.group_name = dist.group.WORLD.group_name if self.world_size > 1 else ""
+        if cfg.emulate:  # the operators' reference implementations (see the module docstring)
+            import torch.distributed._symmetric_memory as symm_mem
+            self._gather_mm = getattr(symm_mem, "_fused_all_gather_matmul_fallback", None)
+            self._mm_scatter = getattr(symm_mem, "_fused_matmul_reduce_scatter_fallback", None)
+            if self._gather_mm is None or self._mm_scatter is None:
+                raise ValueError(f"strategy 'async_tp': emulate needs torch's async-TP reference implementations, "
+                                 f"which torch {torch.__version__} lacks")
+        elif self.world_size > 1:
+            self._gather_mm = torch.ops.symm_mem.fused_all_gather_matmul
+            self._mm_scatter = torch.ops.symm_mem.fused_matmul_reduce_scatter
         self._n: int | None = None  # inside the fused loop: the step's token count
         self._max_tokens = cfg.max_tokens
         self.fused_gemms = 0        # GEMMs that ran fused with a gather or a scatter (tests, logs)
@@ -84,7 +98,7 @@ class AsyncTpStrategy(CommStrategy):
         """Allocate the operators' symmetric workspace for the largest step now: growing it is a collective
         rendezvous, which must not happen lazily on one step (or at all inside a capture)."""
         self._max_tokens = min(self.cfg.max_tokens, max_tokens)
-        if self.group_name:
+        if self.group_name and not self.cfg.emulate:
             rows = shard_rows(self._max_tokens, self.world_size)
             # gather: one shard; scatter: two blocks of one shard each (double-buffered)
             rendezvous_workspace(2 * rows * hidden_size * dtype.itemsize, self.device)
@@ -104,9 +118,7 @@ class AsyncTpStrategy(CommStrategy):
         if self._n is None:
             return F.linear(x, weight, bias)
         self.fused_gemms += 1
-        if self.cfg.emulate:
-            return F.linear(all_gather_rows(x, self._n, self.world_size), weight, bias)
-        _, outs = torch.ops.symm_mem.fused_all_gather_matmul(x.contiguous(), [weight.t()], 0, self.group_name)
+        _, outs = self._gather_mm(x.contiguous(), [weight.t()], 0, self.group_name)
         y = outs[0][:self._n]
         return y if bias is None else y + bias
 
@@ -114,13 +126,13 @@ class AsyncTpStrategy(CommStrategy):
         """Inside the loop: this rank's token shard of the reduced product (padded rows are zeros)."""
         if self._n is None:
             return self.all_reduce(F.linear(x, weight, bias))
-        if self.cfg.emulate:
-            return reduce_scatter_rows(F.linear(x, weight), self.world_size)
+        if bias is not None:  # run_layers keeps models with row-parallel biases out of this loop
+            raise AssertionError("async_tp's fused loop got a row-parallel bias")
         self.fused_gemms += 1
         rows = shard_rows(x.shape[0], self.world_size)
         pad = rows * self.world_size - x.shape[0]
         x = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
-        return torch.ops.symm_mem.fused_matmul_reduce_scatter(x, weight.t(), "sum", 0, self.group_name)
+        return self._mm_scatter(x, weight.t(), "sum", 0, self.group_name)
 
     # -- the decoder stack ---------------------------------------------------------------------------------
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
