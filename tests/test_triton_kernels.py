@@ -393,18 +393,23 @@ def test_lamport_programs_per_sm_is_capped_by_occupancy(monkeypatch):
     assert lamport_norm._resident_per_sm(kernel(255), "cuda:0") == 1
     assert lamport_norm._resident_per_sm(kernel(16, warps=4), "cuda:0") == 16  # threads: 2048 / 128
     assert lamport_norm._resident_per_sm(kernel(16, warps=4, shared=100_000), "cuda:0") == 2
+    assert lamport_norm._resident_per_sm(kernel(16, warps=4, shared=116_000), "cuda:0") == 1  # + 1 KiB per block
     assert lamport_norm._resident_per_sm(types.SimpleNamespace(), "cuda:0") is None  # the interpreter: unknown
     # The kernel cannot be compiled here: the cap falls back to one program per SM, the always-safe grid.
     monkeypatch.setattr(lamport_norm, "_RESIDENT", {})
     monkeypatch.setattr(lamport_norm._lamport_allreduce_norm_kernel, "warmup",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no GPU")), raising=False)
     a = torch.zeros(2, 8)
-    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 4) == 1
+    meta = {"BLOCK": 8, "num_warps": 8}
+    assert lamport_norm._programs_per_sm((a,), meta, 4) == 1
+    assert list(lamport_norm._RESIDENT.values()) == [0]  # recorded as unknown
     monkeypatch.setattr(lamport_norm._lamport_allreduce_norm_kernel, "warmup", lambda *a, **k: kernel(128),
                         raising=False)
     monkeypatch.setattr(lamport_norm, "_RESIDENT", {})
-    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 4) == 2
-    assert lamport_norm._programs_per_sm((a,), {"BLOCK": 8}, 1) == 1
+    assert lamport_norm._programs_per_sm((a, 2, 8), meta, 4) == 2
+    assert lamport_norm._programs_per_sm((a, 2, 8), meta, 1) == 1
+    assert lamport_norm._programs_per_sm((a, 1, 8), meta, 4) == 2  # n_rows == 1: another variant, read again
+    assert len(lamport_norm._RESIDENT) == 2
 
 
 def test_row_shards_cover_every_row_once():

@@ -23,9 +23,10 @@ program cannot be scheduled. That holds whenever nothing else runs beside the ke
 decode steps, and the grid is no larger than what the SMs hold. Above one row per SM (132 on an H200) a program
 handles several rows in turn, which is where lamport_norm lost to symm_norm on 2 x H200 (batch 512, session 8).
 `programs_per_sm` > 1 spreads the rows over more programs, capped by the compiled kernel's occupancy (the
-kernel module checks it from the first launch). Measured on 2 x H200, qwen3-8b tp=2 decode (session 9): 2 and 4
-gave the same step time as 1 at batch 128 and 0.06-0.4 ms less per step at batch 192-512 (results/LOG.md). If
-programs starve anyway, a wait times out (the error flag below) instead of hanging forever.
+kernel module reads it before the first launch of each variant with more rows than SMs). Measured on 2 x H200,
+qwen3-8b tp=2 decode (session 9, before the cap existed; the GPU stress test asserts the cap is read): 2 and 4
+took 0.06-0.14 ms off a step at batch 192-256 and 0.4 ms at 512 (at 128, one row per program already, nothing
+changes). If programs starve anyway, a wait times out (the error flag below) instead of hanging forever.
 
 A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
 for) sets an error flag on the device instead of hanging; the result is then wrong. `check()` raises with the

@@ -13,9 +13,9 @@ Lamport-clock style of TensorRT-LLM's and vLLM's custom all-reduces, written in 
   a grid no larger than the programs the GPU holds at once, every program is resident, so no waiting program can
   keep a peer's pushing program from running (the one assumption of this scheme, as in TensorRT-LLM). The grid
   is min(rows, SMs x programs_per_sm), and programs_per_sm is capped by what one SM holds of the compiled kernel
-  (registers, threads, shared memory: `_resident_per_sm`), read from the compiled kernel before its first launch.
-  Triton also specialises integer arguments (n_rows == 1, multiples of 16); the cap is taken from the first
-  variant compiled, whose register count the others share in practice (the code is the same).
+  (registers, threads, shared memory: `_resident_per_sm`), read from each compiled variant before its first
+  launch with more rows than SMs (`_programs_per_sm`; not needed below, where the grid is one program per row).
+  If the Triton internals it reads are missing, it uses one program per SM and says so in the log.
 - After reading a row from a peer, the program writes the sentinel back there. The caller alternates two slots
   (comm/lamport_norm.py): a peer cannot push into a slot again before this rank has finished the reduction after
   the one that read it, so the clear always lands first.
@@ -118,8 +118,11 @@ def _lamport_allreduce_norm_kernel(x_ptr, d0, d1, d2, d3, d4, d5, d6, d7, s0, s1
             _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_cols, eps, NORM)
 
 
-# (device, dtype, WORLD, NORM, PUSH, WAIT, BLOCK) -> programs of that compiled kernel one SM holds at once
+# compiled variant -> programs of it one SM holds at once (0: unknown, so one). A variant is what Triton compiles
+# separately: the constexprs, plus its specialisations of integer arguments (== 1, multiple of 16) and of pointer
+# alignment (16 bytes); the key holds all of them, so a cap is only ever used for the binary it was read from.
 _RESIDENT: dict[tuple, int] = {}
+_RESERVED_SMEM = 1024  # shared memory the driver reserves per resident block (sm_80 and later)
 
 
 def _resident_per_sm(compiled, device: torch.device) -> int | None:
@@ -132,15 +135,16 @@ def _resident_per_sm(compiled, device: torch.device) -> int | None:
     regs = -(-n_regs * 32 // 256) * 256 * meta.num_warps  # registers are allocated per warp, 256 at a time
     fits = [getattr(p, "regs_per_multiprocessor", 65536) // regs,
             getattr(p, "max_threads_per_multi_processor", 2048) // threads, 32]
-    if getattr(meta, "shared", 0):
-        fits.append(getattr(p, "shared_memory_per_multiprocessor", 233472) // meta.shared)
+    fits.append(getattr(p, "shared_memory_per_multiprocessor", 233472) // (getattr(meta, "shared", 0) + _RESERVED_SMEM))
     return max(1, min(fits))
 
 
 def _programs_per_sm(args: tuple, meta: dict, asked: int) -> int:
     """`asked`, capped by what one SM holds of the kernel these arguments compile to (compiled now, not run)."""
     p = args[0]
-    key = (p.device, p.dtype, *sorted(meta.items()))
+    spec = tuple(a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0)
+                 for a in args if isinstance(a, (torch.Tensor, int)))
+    key = (p.device, p.dtype, *sorted(meta.items()), spec)
     if key not in _RESIDENT:
         per_sm = None
         try:
@@ -149,11 +153,12 @@ def _programs_per_sm(args: tuple, meta: dict, asked: int) -> int:
             per_sm = _resident_per_sm(compiled, p.device)
         except Exception as e:  # a Triton without these internals: one program per SM is always safe
             log.warning("lamport_add_norm: could not read the kernel's occupancy (%s); one program per SM", e)
-        _RESIDENT[key] = per_sm or 1
-        if per_sm is not None and per_sm < asked:
-            log.warning("lamport_add_norm: %d programs per SM asked, one SM holds %d of this kernel (%d registers "
-                        "per thread); using %d", asked, per_sm, compiled.n_regs, per_sm)
-    return min(asked, _RESIDENT[key])
+        _RESIDENT[key] = per_sm or 0
+        if per_sm is not None:
+            log.log(logging.WARNING if per_sm < asked else logging.INFO,
+                    "lamport_add_norm: one SM holds %d programs of this kernel (%d registers per thread, %d warps); "
+                    "%d asked, using %d", per_sm, compiled.n_regs, meta["num_warps"], asked, min(asked, per_sm))
+    return min(asked, _RESIDENT[key] or 1)
 
 
 def int_view(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +222,8 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
                 grid = n
             else:
                 sms = torch.cuda.get_device_properties(partial.device).multi_processor_count
-                per_sm = 1 if programs_per_sm == 1 else _programs_per_sm(args, meta, programs_per_sm)
+                # up to one row per SM the grid is n whatever the cap: no need to read it
+                per_sm = 1 if programs_per_sm == 1 or n <= sms else _programs_per_sm(args, meta, programs_per_sm)
                 grid = min(n, sms * per_sm)
         _lamport_allreduce_norm_kernel[(grid,)](*args, **meta)
     return (out, res_out) if norm else (out, residual)
