@@ -193,6 +193,34 @@ def test_async_tp_odd_token_counts_match_blocking():
     assert got == ref
 
 
+def test_async_tp_workspace_grows_and_is_replaced_for_a_new_group(monkeypatch, tmp_path):
+    """The async-TP workspace (torch's, cached per group name) is allocated in prepare, only grows within one
+    process group, and is replaced when a new group reuses the name (the next engine in a process)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from nanovllm_lab.comm import symm
+    assert not dist.is_initialized()
+    cache: dict = {}
+    made: list[int] = []
+
+    def fake_workspace(name, min_size):
+        if name not in cache or cache[name].numel() < min_size:
+            cache[name] = torch.empty(min_size, dtype=torch.uint8)
+            made.append(min_size)
+    monkeypatch.setattr(symm_mem, "_group_name_to_workspace_tensor", cache, raising=False)
+    monkeypatch.setattr(symm_mem, "get_symm_mem_workspace", fake_workspace)
+    for engine in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg{engine}", rank=0, world_size=1)
+        try:
+            symm.rendezvous_workspace(100, torch.device("cpu"))
+            symm.rendezvous_workspace(50, torch.device("cpu"))   # fits: nothing made
+            symm.rendezvous_workspace(200, torch.device("cpu"))  # grows
+        finally:
+            dist.destroy_process_group()
+    # the second group found the first one's 200-byte workspace under the same name and replaced it
+    assert made == [100, 200, 100, 200], made
+
+
 def test_async_ce_sums_inside_the_norm():
     """With stages="half" each pending copy-engine reduction is consumed by the next stage's RMSNorm, which
     sums the parts itself (no separate add); with stages="layer" o_proj's reduction is summed by an add."""

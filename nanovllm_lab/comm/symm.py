@@ -123,18 +123,36 @@ def rendezvous_buffer(numel: int, dtype: torch.dtype, device: torch.device):
     return buf, _rendezvous(buf, group.group_name)
 
 
+_WORKSPACE_OWNER: dict[str, int] = {}  # group name -> id() of the process group its cached workspace was made for
+
+
 def rendezvous_workspace(min_bytes: int, device: torch.device) -> None:
-    """PyTorch's own symmetric workspace of the default group (the one its async-TP operators use), allocated
-    now with at least `min_bytes` and counted like `rendezvous_buffer`. Collective. A workspace cached under the
-    same group name by an earlier engine of this process belongs to a dead group: it is dropped first."""
+    """PyTorch's own symmetric workspace of the default group (the one its async-TP operators use), made at
+    least `min_bytes` now and counted like `rendezvous_buffer`. Collective. The workspace only grows (two
+    strategies of one engine may ask for different sizes), and one cached under the same group name by an
+    earlier engine of this process belongs to a dead group, so it is replaced. Whether to allocate is agreed by
+    all ranks (a max over them), since a fresh worker has no workspace while rank 0 may have one; that also
+    covers a new group object that happens to reuse a dead one's id()."""
     import torch.distributed._symmetric_memory as symm_mem
     global _rendezvous_done
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     group = dist.group.WORLD
-    forget_workspace(group.group_name)
+    name = group.group_name
+    cache = getattr(symm_mem, "_group_name_to_workspace_tensor", None)
+    if cache is None:
+        log.warning("torch %s has no _group_name_to_workspace_tensor: a workspace left by an earlier engine in "
+                    "this process cannot be dropped", torch.__version__)
+    have = cache.get(name) if cache is not None and _WORKSPACE_OWNER.get(name) == id(group) else None
+    have_bytes = have.numel() * have.element_size() if have is not None else 0
+    want = torch.tensor([int(have_bytes < min_bytes), max(have_bytes, min_bytes)], dtype=torch.int64, device=device)
+    dist.all_reduce(want, op=dist.ReduceOp.MAX, group=group)
+    if not int(want[0]):
+        return
+    forget_workspace(name)
     _align_store_exchange(group, device)
-    symm_mem.get_symm_mem_workspace(group.group_name, min_size=min_bytes)
+    symm_mem.get_symm_mem_workspace(name, min_size=int(want[1]))
     _rendezvous_done += 1
+    _WORKSPACE_OWNER[name] = id(group)
 
 
 def forget_workspace(group_name: str) -> None:
@@ -144,6 +162,7 @@ def forget_workspace(group_name: str) -> None:
         getattr(symm_mem, "_group_name_to_workspace_tensor", {}).pop(group_name, None)
     except ImportError:
         pass
+    _WORKSPACE_OWNER.pop(group_name, None)
 
 
 def _align_store_exchange(group, device) -> None:
