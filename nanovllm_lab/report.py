@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_table(rep, root: Path, path: Path, card: str | None) -> int:
-    from nanovllm_lab.comm.overlap import write_table
+    from nanovllm_lab.comm.overlap_write import write_table
     from nanovllm_lab.lab.compare import overlap_rows_from_steps
     from nanovllm_lab.lab.results import find_run_dirs, read_json
     if rep.steps.empty or not (rep.steps["strategy"] == "blocking").any():

@@ -95,7 +95,7 @@ def test_overlap_table_from_step_latencies(tmp_path):
     table = step_table(pd.DataFrame(rows), summaries)
     assert table.set_index(["num_tokens", "strategy"]).loc[(128, "chunked"), "params"] == '{"chunks": 3}'
     path = tmp_path / "t.json"
-    from nanovllm_lab.comm.overlap import write_table
+    from nanovllm_lab.comm.overlap_write import write_table
     write_table(overlap_rows_from_steps(table), str(path), card="NVIDIA H200")
     a = load_arch("qwen3-8b")
     entry = match_entry(load_table(str(path)), 2, "NVIDIA H200", (a.hidden_size, a.intermediate_size))

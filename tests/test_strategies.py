@@ -22,7 +22,8 @@ import torch.distributed as dist
 from nanovllm_lab import LLM, SamplingParams
 from nanovllm_lab.comm.async_overlap import split_points
 from nanovllm_lab.comm.chunked import chunk_bounds
-from nanovllm_lab.comm.overlap import load_table, write_table
+from nanovllm_lab.comm.overlap import load_table
+from nanovllm_lab.comm.overlap_write import write_table
 
 ENGINE = dict(tensor_parallel_size=2, enforce_eager=True, max_model_len=256, kvcache_block_size=16,
               num_kvcache_blocks=96, max_num_batched_tokens=96, max_num_seqs=8, device="cpu")
@@ -280,6 +281,21 @@ def test_overlap_skips_symm_norm_where_it_cannot_run(reference):
     got = run_scenario({"name": "overlap", "table": path})
     assert_same(got, reference, "overlap with a symm_norm table on gloo")
     assert set(got["history"].values()) == {"blocking", "rsag"}, got["history"]
+
+
+def test_overlap_forwards_column_parallel_to_async_tp(reference, tmp_path):
+    """overlap with async_tp (emulated) for prefill and blocking for decode: column-parallel GEMMs reach the
+    active delegate (the gathers are fused into them), and the outputs are blocking's."""
+    table = {"format": 1, "entries": [{"model": "*", "tp": "*", "card": "*", "rules": {
+        "decode": [{"max_tokens": None, "choices": [{"strategy": "blocking", "params": {}}]}],
+        "prefill": [{"max_tokens": None, "choices": [
+            {"strategy": "async_tp", "params": {"emulate": True, "min_tokens": 1}}]}]}}]}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    got = run_scenario({"name": "overlap", "table": str(path)})
+    assert_same(got, reference, "overlap-async_tp")
+    assert {"async_tp", "blocking"} <= set(got["history"].values()), got["history"]
+    assert got["collectives"].get("all_reduce", 0) < reference["collectives"]["all_reduce"]
 
 
 @pytest.mark.parametrize("table", ["overlap_async_ce_table.json", "overlap_lamport_table.json"])

@@ -156,7 +156,7 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
 
 
 def overlap_rows_from_steps(table: pd.DataFrame) -> list[dict]:
-    """`step_table` rows in the form `comm.overlap.write_table` takes: the overlap table tuned from end-to-end
+    """`step_table` rows in the form `comm.overlap_write.write_table` takes: the overlap table tuned from end-to-end
     steps of the engine (compiled, graphed, real batches) rather than from one layer."""
     return [{"arch": r.model, "tp": int(r.tp), "phase": r.phase, "tokens": int(r.num_tokens), "unit": "step",
              "strategy": r.strategy, "params": r.params, "t_ms": r.t_ms, "t_p10_ms": r.t_p10_ms,

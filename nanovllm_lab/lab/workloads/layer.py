@@ -60,7 +60,7 @@ class LayerWorkload(Workload):
         metrics["layer_medians"] = {s: {k: _median(v) for k, v in d.items()} for s, d in by_strategy.items()}
         if p.write_table:
             import torch
-            from nanovllm_lab.comm.overlap import write_table
+            from nanovllm_lab.comm.overlap_write import write_table
             # On a GPU the entry is pinned to this card: timings from one card do not transfer to another.
             card = torch.cuda.get_device_name(0) if self.settings.device.startswith("cuda") else None
             write_table(rows, p.write_table, card=card)
