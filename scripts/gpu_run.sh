@@ -82,7 +82,8 @@ for stage in $stages; do
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
     lamport_pps)  # lamport_norm with 1, 2, 4 kernel programs per SM at decode (it lost to symm_norm at batch 512 with
              # one program per SM, session 8), after blocking, none and symm_norm at the same batches in the same call
-             # (PPS_REFS=0 skips them when `decode` ran in the call). 192: the bench's batches 129-256.
+             # (PPS_REFS=0 skips them when `decode` ran in the call). 192: the bench's batches 129-256. Two boxed
+             # multiruns: up to 2 x STAGE_S (session 9: STAGE_S=150 cut symm_norm's reference run).
              [ "$ngpu" -ge 2 ] && { B="workload.batch_sizes=[128,192,256,512]"
                [ "${PPS_REFS:-1}" = 1 ] && stage=lamport_pps_refs lab -m workload=decode model=$M tp=$TP "$B" \
                  +strategy=blocking,none,symm_norm

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
-from nanovllm_lab.comm.seqpar import all_gather_rows, shard_rows, token_shard
+from nanovllm_lab.comm.seqpar import shard_rows, sharded_layers
 from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, unavailable_reason
 
 
@@ -139,20 +139,9 @@ class AsyncTpStrategy(CommStrategy):
         n = hidden.shape[0]
         if not self.applicable(None, n) or not has_layer_parts(*layers) or _row_parallel_bias(layers):
             return super().run_layers(layers, positions, hidden)
-        world = self.world_size
-        residual = token_shard(hidden, self.rank, world)  # the embedding is replicated: no collective
-        summed = None  # this rank's shard of the last reduction, not yet added to the residual
         self._n = n
-        try:
-            for layer in layers:
-                if summed is None:
-                    h = layer.input_layernorm(residual)
-                else:
-                    h, residual = layer.input_layernorm(summed, residual)
-                attn = layer.self_attn(positions, h)  # qkv_proj gathers h; o_proj scatters its product
-                h, residual = layer.post_attention_layernorm(attn, residual)
-                summed = layer.mlp(h)                 # gate_up_proj gathers; down_proj scatters
+        try:  # the GEMMs inside each block gather its input and scatter its output (column_parallel, row_parallel)
+            return sharded_layers(layers, positions, hidden, self.rank, self.world_size,
+                                  gather=lambda shard: shard, scatter=lambda shard: shard)
         finally:
             self._n = None
-        # The model's final norm adds and normalises full tensors.
-        return all_gather_rows(summed, n, world), all_gather_rows(residual, n, world)

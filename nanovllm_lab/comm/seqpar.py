@@ -14,6 +14,7 @@ the blocking path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,25 @@ def all_gather_rows(shard: torch.Tensor, n: int, world: int, out: torch.Tensor |
     return full[:n]
 
 
+def sharded_layers(layers, positions: torch.Tensor, hidden: torch.Tensor, rank: int, world: int,
+                   gather: Callable, scatter: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder stack with the residual stream and the norms on this rank's token shard: `gather` turns a
+    shard into the full rows an attention or MLP block takes, `scatter` its output into the reduced shard (rsag:
+    collectives; async_tp: identities, the GEMMs inside the blocks gather and scatter). Returns the full
+    (hidden, residual) for the model's final norm."""
+    n = hidden.shape[0]
+    residual = token_shard(hidden, rank, world)  # the embedding is replicated: no collective
+    summed = None  # this rank's shard of the last reduction, not yet added to the residual
+    for layer in layers:
+        if summed is None:
+            h = layer.input_layernorm(residual)
+        else:
+            h, residual = layer.input_layernorm(summed, residual)
+        h, residual = layer.post_attention_layernorm(scatter(layer.self_attn(positions, gather(h))), residual)
+        summed = scatter(layer.mlp(gather(h)))
+    return all_gather_rows(summed, n, world), all_gather_rows(residual, n, world)
+
+
 @dataclass(frozen=True)
 class RsAgConfig(StrategyConfig):
     name: str = "rsag"
@@ -80,26 +100,10 @@ class ReduceScatterAllGatherStrategy(CommStrategy):
         if not self.applicable(None, n) or not has_layer_parts(*layers):
             return super().run_layers(layers, positions, hidden)
         world = self.world_size
-        residual = token_shard(hidden, self.rank, world)  # the embedding is replicated: no collective
-
-        def reduce_scatter(partial: torch.Tensor) -> torch.Tensor:
-            return reduce_scatter_rows(partial, world)
-
-        def all_gather(shard: torch.Tensor) -> torch.Tensor:
-            return all_gather_rows(shard, n, world)
-
-        summed = None  # this rank's shard of the last reduction, not yet added to the residual
         self._unreduced = True
         try:
-            for layer in layers:
-                if summed is None:
-                    h = layer.input_layernorm(residual)
-                else:
-                    h, residual = layer.input_layernorm(summed, residual)
-                attn = layer.self_attn(positions, all_gather(h))
-                h, residual = layer.post_attention_layernorm(reduce_scatter(attn), residual)
-                summed = reduce_scatter(layer.mlp(all_gather(h)))
+            return sharded_layers(layers, positions, hidden, self.rank, world,
+                                  gather=lambda shard: all_gather_rows(shard, n, world),
+                                  scatter=lambda partial: reduce_scatter_rows(partial, world))
         finally:
             self._unreduced = False
-        # The model's final norm adds and normalises full tensors.
-        return all_gather(summed), all_gather(residual)
