@@ -77,7 +77,8 @@ class AsyncTpStrategy(CommStrategy):
         if not cfg.emulate:
             reason = unavailable_reason(info, "async_tp")
             if reason is not None:
-                raise ValueError(reason)
+                raise ValueError(f"{reason} (emulate=true runs PyTorch's reference decomposition of its operators "
+                                 f"instead, for tests)")
         super().__init__(cfg, info)
         self.group_name = dist.group.WORLD.group_name if self.world_size > 1 else ""
         if cfg.emulate:  # the operators' reference implementations (see the module docstring)
