@@ -76,6 +76,18 @@ def test_step_table_per_size_against_blocking_and_none():
     assert math.isclose(t.loc[(128, "overlap"), "exposed_comm_ms"], 3.0)
     assert t.loc[(8, "blocking"), "overlap_efficiency"] == 0.0
     assert math.isnan(t.loc[(8, "none"), "overlap_efficiency"])
+    assert "host_share" not in t  # steps recorded before host_ms existed
+
+
+def test_step_table_host_share():
+    """With host_ms recorded: the median host time per size and strategy, and its share of the median step."""
+    rows = [dict(workload="prefill", model="m", tp=2, strategy=s, phase="prefill", num_tokens=2048,
+                 latency_ms=t, host_ms=h, warmup=False)
+            for s, t, h in (("none", 30.0, 29.0), ("none", 32.0, 31.0), ("none", 31.0, 30.0),
+                            ("blocking", 60.0, 12.0), ("blocking", 62.0, 11.0), ("blocking", 61.0, 13.0))]
+    t = step_table(pd.DataFrame(rows)).set_index("strategy")
+    assert t.loc["none", "host_ms"] == 30.0 and math.isclose(t.loc["none", "host_share"], 30.0 / 31.0)
+    assert math.isclose(t.loc["blocking", "host_share"], 12.0 / 61.0)
 
 
 def test_overlap_table_from_step_latencies(tmp_path):

@@ -33,7 +33,8 @@ def test_json_is_strict():
 
 def test_conform_orders_and_types():
     df = pd.DataFrame({"extra": [1], "tp": [2.0], "phase": ["decode"], "step": [0], "num_seqs": [1], "num_tokens": [1],
-                       "latency_ms": [1], "cuda_graph": [0], "kv_tokens_read": [5], "warmup": [False], "strategy": ["b"], "workload": ["w"],
+                       "latency_ms": [1], "cuda_graph": [0], "kv_tokens_read": [5], "warmup": [False], "host_ms": [0.5],
+                       "strategy": ["b"], "workload": ["w"],
                        "model": ["m"]})
     out = results.conform(df, results.STEP_SCHEMA)
     assert list(out.columns) == list(results.STEP_SCHEMA) + ["extra"]
@@ -48,6 +49,7 @@ def test_loaders_find_nested_runs_and_failures(tmp_path):
     results.write_json(bad / "error.json", {"run_id": bad.name, "status": "error", "traceback": "long", "message": "m"})
     steps = pd.DataFrame({"step": [0, 1], "phase": ["prefill", "decode"], "num_seqs": [1, 1], "num_tokens": [4, 1],
                           "latency_ms": [2.0, 1.0], "cuda_graph": [False, False], "kv_tokens_read": [3, 4], "warmup": [False, False],
+                          "host_ms": [1.0, 0.5],
                           "strategy": "blocking", "tp": 1, "workload": "small", "model": "tiny"})
     results.write_parquet(ok / "steps.parquet", steps, results.STEP_SCHEMA)
     summaries = results.load_summaries(tmp_path)

@@ -41,6 +41,7 @@ class StepRecord:
     latency_s: float
     cuda_graph: bool
     kv_tokens_read: int = 0  # cached and new K/V tokens the step's attention reads (memory-traffic accounting)
+    host_s: float = 0.0      # host time to build and launch the step (pending.StepTimer)
 
 
 class ModelRunner:
@@ -236,7 +237,7 @@ class ModelRunner:
         tokens = pending.wait()
         s = pending.step
         rec = StepRecord("prefill" if s.is_prefill else "decode", s.num_seqs, s.num_tokens,
-                         pending.timer.elapsed(), pending.cuda_graph, s.kv_tokens_read)
+                         pending.timer.elapsed(), pending.cuda_graph, s.kv_tokens_read, pending.timer.host_s)
         for hook in self.step_hooks:
             hook(rec)
         return tokens

@@ -13,21 +13,22 @@ from nanovllm_lab.engine.inputs import StepInput
 
 class StepTimer:
     """Device events on cuda, a monotonic clock on cpu. `stop()` marks the end of the step's work when it is
-    queued (a later step may be queued behind it); `elapsed()` waits for it."""
+    queued (a later step may be queued behind it); `elapsed()` waits for it. `host_s`: the host's time from the
+    start to `stop()`, i.e. to build and launch the step: where it is close to `elapsed()` the device waited for
+    the launches (a host-paced step), where it is far below, the device work set the pace."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.t0, self.host_s = time.perf_counter(), 0.0
         if self.cuda:
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
-        else:
-            self.t0 = time.perf_counter()
 
     def stop(self) -> None:
+        self.t1 = time.perf_counter()
+        self.host_s = self.t1 - self.t0
         if self.cuda:
             self.end.record()
-        else:
-            self.t1 = time.perf_counter()
 
     def elapsed(self) -> float:
         if self.cuda:

@@ -124,7 +124,8 @@ STEP_WORKLOADS = ("decode", "prefill")
 def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (workload, model, tp, phase, tokens) of the decode/prefill workloads: each strategy's median step
     latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
-    (T = the step's median latency). With the runs' summaries, runs of one strategy with different parameters
+    (T = the step's median latency); where the steps record it, the median host time to launch a step and its
+    share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With the runs' summaries, runs of one strategy with different parameters
     stay apart (`params`, JSON)."""
     need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
     if steps.empty or not need <= set(steps.columns):
@@ -152,6 +153,10 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     stats["overlap_efficiency"] = overlap_efficiency(stats["t_ms"], stats["t_blocking_ms"],
                                                      stats["t_none_ms"]).where(real)
     stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
+    if "host_ms" in s:  # runs since session 9: near 1, the step waited for the host's launches (host-paced)
+        host = s.groupby([*keys, "strategy", "params"])["host_ms"].median().rename("host_ms").reset_index()
+        stats = stats.merge(host, on=[*keys, "strategy", "params"], how="left")
+        stats["host_share"] = stats["host_ms"] / stats["t_ms"]
     return stats.sort_values([*keys, "strategy", "params"], kind="stable").reset_index(drop=True)
 
 

@@ -26,14 +26,15 @@ class StepRecorder:
         self.rows.append({"step": len(self.rows), "phase": rec.phase, "num_seqs": rec.num_seqs,
                           "num_tokens": rec.num_tokens, "latency_ms": rec.latency_s * 1e3,
                           "cuda_graph": rec.cuda_graph, "kv_tokens_read": rec.kv_tokens_read,
-                          "warmup": self.warmup})
+                          "warmup": self.warmup, "host_ms": rec.host_s * 1e3})
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def frame(self, **columns: Any) -> pd.DataFrame:
         """The rows plus constant columns (strategy, tp, workload, model)."""
-        cols = ["step", "phase", "num_seqs", "num_tokens", "latency_ms", "cuda_graph", "kv_tokens_read", "warmup"]
+        cols = ["step", "phase", "num_seqs", "num_tokens", "latency_ms", "cuda_graph", "kv_tokens_read", "warmup",
+                "host_ms"]
         df = pd.DataFrame(self.rows, columns=cols)
         for k, v in columns.items():
             df[k] = v

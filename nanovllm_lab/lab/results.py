@@ -23,7 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 STEP_SCHEMA = {"step": "int", "phase": "str", "num_seqs": "int", "num_tokens": "int", "latency_ms": "float",
-               "cuda_graph": "bool", "kv_tokens_read": "int", "warmup": "bool", "strategy": "str", "tp": "int", "workload": "str",
+               "cuda_graph": "bool", "kv_tokens_read": "int", "warmup": "bool", "host_ms": "float", "strategy": "str", "tp": "int", "workload": "str",
                "model": "str"}
 REQUEST_SCHEMA = {"request": "int", "prompt_tokens": "int", "output_tokens": "int", "ttft_ms": "float",
                   "tpot_ms": "float", "e2e_ms": "float", "strategy": "str", "tp": "int", "workload": "str",
