@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm_lab.comm.async_overlap import AsyncConfig, AsyncOverlapStrategy, _attn_half, _mlp_half
-from nanovllm_lab.comm.base import PendingReduction, register_strategy
+from nanovllm_lab.comm.base import PendingReduction, check_bool, register_strategy
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
 from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
                                    unavailable_reason)
@@ -81,8 +81,7 @@ class AsyncCeConfig(AsyncConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.emulate, bool):
-            raise ValueError(f"strategy {self.name!r}: emulate must be true or false, got {self.emulate!r}")
+        check_bool(self, "emulate")
 
 
 def _attn_body(layer, mb):  # _attn_half after its input norm (done by the fused kernel)

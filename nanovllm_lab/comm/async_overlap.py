@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm_lab.comm.base import (CommStrategy, PendingReduction, SideReducer, StrategyConfig,
+from nanovllm_lab.comm.base import (CommStrategy, PendingReduction, SideReducer, StrategyConfig, check_int,
                                     has_layer_parts, register_strategy)
 from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
 
@@ -51,13 +51,10 @@ def check_micro_batching(cfg: StrategyConfig, **more_int_minimums: int) -> None:
     """The checks of the fields every micro-batching config has (micro_batches, min_tokens, split,
     comm_priority), plus integer fields with the given minimums."""
     for key, lo in (("micro_batches", 1), ("min_tokens", 0), *more_int_minimums.items()):
-        v = getattr(cfg, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"strategy {cfg.name!r}: {key} must be an integer >= {lo}, got {v!r}")
+        check_int(cfg, key, lo=lo)
     if cfg.split not in ("tokens", "seqs"):
         raise ValueError(f"strategy {cfg.name!r}: split must be 'tokens' or 'seqs', got {cfg.split!r}")
-    if not isinstance(cfg.comm_priority, int) or isinstance(cfg.comm_priority, bool):
-        raise ValueError(f"strategy {cfg.name!r}: comm_priority must be an integer, got {cfg.comm_priority!r}")
+    check_int(cfg, "comm_priority")
 
 
 def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:

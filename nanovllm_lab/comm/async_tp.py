@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
+from nanovllm_lab.comm.base import (CommStrategy, StrategyConfig, check_bool, check_int, has_layer_parts,
+                                    register_strategy)
 from nanovllm_lab.comm.seqpar import shard_rows, sharded_layers
 from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, unavailable_reason
 
@@ -56,14 +57,11 @@ class AsyncTpConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         for key in ("min_tokens", "max_tokens"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 1, got {v!r}")
+            check_int(self, key, lo=1)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"strategy {self.name!r}: min_tokens ({self.min_tokens}) exceeds max_tokens "
                              f"({self.max_tokens})")
-        if not isinstance(self.emulate, bool):
-            raise ValueError(f"strategy {self.name!r}: emulate must be true or false, got {self.emulate!r}")
+        check_bool(self, "emulate")
 
 
 def _row_parallel_bias(layers) -> bool:

@@ -27,6 +27,22 @@ class StrategyConfig:
     name: str = "blocking"
 
 
+def check_int(cfg: StrategyConfig, key: str, lo: int | None = None, hi: int | None = None) -> None:
+    """Raise a ValueError naming the strategy and parameter unless `cfg.<key>` is an integer (a bool is not)
+    with lo <= value (< hi)."""
+    v = getattr(cfg, key)
+    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v >= hi):
+        bound = "" if lo is None else f" >= {lo}" if hi is None else f" in [{lo}, {hi - 1}]"
+        raise ValueError(f"strategy {cfg.name!r}: {key} must be an integer{bound}, got {v!r}")
+
+
+def check_bool(cfg: StrategyConfig, key: str) -> None:
+    """Raise a ValueError naming the strategy and parameter unless `cfg.<key>` is true or false."""
+    v = getattr(cfg, key)
+    if not isinstance(v, bool):
+        raise ValueError(f"strategy {cfg.name!r}: {key} must be true or false, got {v!r}")
+
+
 STRATEGIES: Registry[tuple[type[StrategyConfig], type["CommStrategy"]]] = Registry("strategy")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm_lab.comm.base import CommStrategy, SideReducer, StrategyConfig, register_strategy
+from nanovllm_lab.comm.base import CommStrategy, SideReducer, StrategyConfig, check_int, register_strategy
 from nanovllm_lab.utils.context import AttentionContext
 
 # Chunk boundaries are rounded to this many rows when chunks are large enough, so that each GEMM keeps
@@ -30,14 +30,9 @@ class ChunkedConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         for key in ("chunks", "min_tokens_per_chunk"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 1, got {v!r}")
-        v = self.comm_max_ctas
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"strategy {self.name!r}: comm_max_ctas must be an integer >= 0, got {v!r}")
-        if not isinstance(self.comm_priority, int) or isinstance(self.comm_priority, bool):
-            raise ValueError(f"strategy {self.name!r}: comm_priority must be an integer, got {self.comm_priority!r}")
+            check_int(self, key, lo=1)
+        check_int(self, "comm_max_ctas", lo=0)
+        check_int(self, "comm_priority")
 
 
 def chunk_bounds(num_tokens: int, chunks: int, min_tokens_per_chunk: int) -> list[int]:

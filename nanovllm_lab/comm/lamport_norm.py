@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm_lab.comm.base import StrategyConfig, register_strategy
+from nanovllm_lab.comm.base import StrategyConfig, check_bool, check_int, register_strategy
 from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, rendezvous_buffer
 from nanovllm_lab.comm.symm_norm import SymmNormStrategy, sum_add_norm_reference
 
@@ -65,11 +65,8 @@ class LamportNormConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         for key, hi in (("max_tokens", 1 << 31), ("spin_limit", 1 << 31), ("programs_per_sm", 9)):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < hi:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer in [1, {hi - 1}], got {v!r}")
-        if not isinstance(self.local, bool):
-            raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
+            check_int(self, key, lo=1, hi=hi)
+        check_bool(self, "local")
 
 
 @register_strategy("lamport_norm", LamportNormConfig)

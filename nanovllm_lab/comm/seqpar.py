@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, check_int, has_layer_parts, register_strategy
 from nanovllm_lab.utils.context import AttentionContext
 
 def shard_rows(n: int, world: int) -> int:
@@ -78,8 +78,7 @@ class RsAgConfig(StrategyConfig):
     min_tokens: int = 1  # below this many tokens in a step: blocking (two collectives cost two launches)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 1:
-            raise ValueError(f"strategy {self.name!r}: min_tokens must be an integer >= 1, got {self.min_tokens!r}")
+        check_int(self, "min_tokens", lo=1)
 
 
 @register_strategy("rsag", RsAgConfig)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strategy
+from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, check_int, register_strategy
 from nanovllm_lab.distributed.parallel import ParallelInfo
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class SymmConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         for key in ("one_shot_max_bytes", "max_tokens"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"strategy {self.name!r}: {key} must be an integer >= 0, got {v!r}")
+            check_int(self, key, lo=0)
 
 
 # The torch.ops.symm_mem collectives each strategy calls: symm runs PyTorch's one-/two-shot all-reduce; symm_norm and

@@ -54,7 +54,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, has_layer_parts, register_strategy
+from nanovllm_lab.comm.base import (CommStrategy, StrategyConfig, check_bool, check_int, has_layer_parts,
+                                    register_strategy)
 from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
                                    unavailable_reason)
 
@@ -69,10 +70,8 @@ class SymmNormConfig(StrategyConfig):
     shots: int = 1          # 1: one kernel reads every peer's rows; 2: reduce-scatter + all-gather (large batches)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"strategy {self.name!r}: max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.local, bool):
-            raise ValueError(f"strategy {self.name!r}: local must be true or false, got {self.local!r}")
+        check_int(self, "max_tokens", lo=1)
+        check_bool(self, "local")
         if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots not in (1, 2):
             raise ValueError(f"strategy {self.name!r}: shots must be 1 (one-shot) or 2 (two-shot), "
                              f"got {self.shots!r}")
