@@ -125,8 +125,8 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     """Per (workload, model, tp, phase, tokens) of the decode/prefill workloads: each strategy's median step
     latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
     (T = the step's median latency); where the steps record it, the median host time to launch a step and its
-    share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With the runs' summaries, runs of one strategy with different parameters
-    stay apart (`params`, JSON)."""
+    share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With
+    the runs' summaries, runs of one strategy with different parameters stay apart (`params`, JSON)."""
     need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
     if steps.empty or not need <= set(steps.columns):
         return pd.DataFrame()
@@ -142,9 +142,12 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
                   for r, p in zip(summaries["run"], summaries["strategy_params"])}
     s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}")
     keys = ["workload", "model", "tp", "phase", "num_tokens"]
-    g = s.groupby([*keys, "strategy", "params"])["latency_ms"]
-    stats = pd.DataFrame({"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9),
-                          "steps": g.size()}).reset_index()
+    groups = s.groupby([*keys, "strategy", "params"])
+    g = groups["latency_ms"]
+    cols = {"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9), "steps": g.size()}
+    if "host_ms" in s:  # runs since session 9
+        cols["host_ms"] = groups["host_ms"].median()
+    stats = pd.DataFrame(cols).reset_index()
     ref = stats.groupby([*keys, "strategy"])["t_ms"].median().unstack("strategy")
     for name in ("blocking", "none"):
         col = ref[name] if name in ref else pd.Series(math.nan, index=ref.index)
@@ -153,16 +156,14 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     stats["overlap_efficiency"] = overlap_efficiency(stats["t_ms"], stats["t_blocking_ms"],
                                                      stats["t_none_ms"]).where(real)
     stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
-    if "host_ms" in s:  # runs since session 9: near 1, the step waited for the host's launches (host-paced)
-        host = s.groupby([*keys, "strategy", "params"])["host_ms"].median().rename("host_ms").reset_index()
-        stats = stats.merge(host, on=[*keys, "strategy", "params"], how="left")
+    if "host_ms" in stats:  # near 1: the step waited for the host's launches (host-paced)
         stats["host_share"] = stats["host_ms"] / stats["t_ms"]
     return stats.sort_values([*keys, "strategy", "params"], kind="stable").reset_index(drop=True)
 
 
 def overlap_rows_from_steps(table: pd.DataFrame) -> list[dict]:
-    """`step_table` rows in the form `comm.overlap_write.write_table` takes: the overlap table tuned from end-to-end
-    steps of the engine (compiled, graphed, real batches) rather than from one layer."""
+    """`step_table` rows in the form `comm.overlap_write.write_table` takes: the overlap table tuned from
+    end-to-end steps of the engine (compiled, graphed, real batches) rather than from one layer."""
     return [{"arch": r.model, "tp": int(r.tp), "phase": r.phase, "tokens": int(r.num_tokens), "unit": "step",
              "strategy": r.strategy, "params": r.params, "t_ms": r.t_ms, "t_p10_ms": r.t_p10_ms,
              "t_p90_ms": r.t_p90_ms, "t_blocking_ms": r.t_blocking_ms} for r in table.itertuples(index=False)]
