@@ -156,6 +156,11 @@ def _check_norm_args(fn: str, n: int, hidden: int, residual: torch.Tensor | None
         raise ValueError(f"{fn}: the norm weight must be [{hidden}], got {tuple(weight.shape)}")
 
 
+def row_meta(hidden: int) -> dict:
+    """Launch parameters of a kernel with one program per whole row (the add + norm needs the row at once)."""
+    return dict(BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4)
+
+
 def _launch_add_norm(kernel, ptrs, scalars: tuple, residual, weight, eps: float, n: int, hidden: int,
                      **constexprs):
     """One program per row: the add + norm tail that both modes share; returns sum_add_norm's pair. `scalars`
@@ -167,7 +172,7 @@ def _launch_add_norm(kernel, ptrs, scalars: tuple, residual, weight, eps: float,
         ptrs = list(ptrs) + [ptrs[0]] * (MAX_WORLD - len(ptrs))
         kernel[(n,)](*ptrs, residual.contiguous() if norm else out, weight if norm else out, out,
                      res_out if norm else out, hidden, *scalars, eps, NORM=norm,
-                     BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden >= 4096 else 4, **constexprs)
+                     **row_meta(hidden), **constexprs)
     return (out, res_out) if norm else (out, residual)
 
 

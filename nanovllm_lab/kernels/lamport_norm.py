@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_lab.kernels.allreduce_norm import MAX_WORLD, _add_norm_store, _check_norm_args
+from nanovllm_lab.kernels.allreduce_norm import MAX_WORLD, _add_norm_store, _check_norm_args, row_meta
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,10 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
     if n:
         d = [int_view(b) for b in dst] + [int_view(dst[0])] * (MAX_WORLD - world)
         s = [int_view(b) for b in src] + [int_view(src[0])] * (MAX_WORLD - world)
-        block = triton.next_power_of_2(hidden)
         args = (partial, *d, *s, residual.contiguous() if norm else out, weight if norm else out, out,
                 res_out if norm else out, err, n, hidden, eps, spin_limit)
         meta = dict(WORLD=world, SENT=SENTINEL[partial.element_size()], NORM=norm, PUSH=push, WAIT=wait,
-                    BLOCK=block, num_warps=8 if hidden >= 4096 else 4)
+                    **row_meta(hidden))
         if grid is None:  # every program resident (see the module docstring)
             if partial.device.type != "cuda":
                 grid = n
