@@ -48,7 +48,7 @@ from nanovllm_lab.comm.async_overlap import AsyncConfig, AsyncOverlapStrategy, _
 from nanovllm_lab.comm.base import PendingReduction, check_bool, register_strategy
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
 from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
-                                   unavailable_reason)
+                                   require_peer_access)
 
 _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the barrier kernel (a named error), not a silent spin
 
@@ -101,9 +101,7 @@ _FUSABLE = {_attn_half: (lambda layer: layer.input_layernorm, _attn_body),
 class AsyncCeStrategy(AsyncOverlapStrategy):
     def __init__(self, cfg: AsyncCeConfig, info) -> None:
         if not cfg.emulate:
-            reason = unavailable_reason(info, "async_ce")
-            if reason is not None:
-                raise ValueError(reason)
+            require_peer_access(info, "async_ce")
         super().__init__(cfg, info)
         self.slots: list[torch.Tensor] = []   # every rank's [S, capacity, hidden] buffer (emulate: own one only)
         self.scratch: torch.Tensor | None = None  # [S, world - 1, capacity, hidden]: the peers' rows, copied in

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from nanovllm_lab.comm.base import (CommStrategy, StrategyConfig, check_bool, check_int, has_layer_parts,
                                     register_strategy)
 from nanovllm_lab.comm.seqpar import shard_rows, sharded_layers
-from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, unavailable_reason
+from nanovllm_lab.comm.symm import forget_group, forget_workspace, rendezvous_workspace, require_peer_access
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,8 @@ def _row_parallel_bias(layers) -> bool:
 class AsyncTpStrategy(CommStrategy):
     def __init__(self, cfg: AsyncTpConfig, info) -> None:
         if not cfg.emulate:
-            reason = unavailable_reason(info, "async_tp")
-            if reason is not None:
-                raise ValueError(f"{reason} (emulate=true runs PyTorch's reference decomposition of its operators "
-                                 f"instead, for tests)")
+            require_peer_access(info, "async_tp", " (emulate=true runs PyTorch's reference decomposition of its "
+                                "operators instead, for tests)")
         super().__init__(cfg, info)
         self.group_name = dist.group.WORLD.group_name if self.world_size > 1 else ""
         if cfg.emulate:  # the operators' reference implementations (see the module docstring)

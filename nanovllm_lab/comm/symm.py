@@ -80,6 +80,13 @@ def unavailable_reason(info: ParallelInfo, name: str = "symm") -> str | None:
     return None
 
 
+def require_peer_access(info: ParallelInfo, name: str, hint: str = "") -> None:
+    """Raise a ValueError with `unavailable_reason` (and `hint` after it) where strategy `name` cannot run."""
+    reason = unavailable_reason(info, name)
+    if reason is not None:
+        raise ValueError(reason + hint)
+
+
 def _torch_before(major: int, minor: int) -> bool:
     parts = torch.__version__.split("+")[0].split(".")
     return (int(parts[0]), int(parts[1])) < (major, minor)
@@ -201,9 +208,7 @@ def forget_group(group_name: str) -> None:
 class SymmStrategy(CommStrategy):
     def __init__(self, cfg: SymmConfig, info: ParallelInfo) -> None:
         super().__init__(cfg, info)
-        reason = unavailable_reason(info)
-        if reason is not None:
-            raise ValueError(reason)
+        require_peer_access(info, "symm")
         self.buffer: torch.Tensor | None = None
         self.group_name = ""
         self.hidden_size = 0

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from nanovllm_lab.comm.base import (CommStrategy, StrategyConfig, check_bool, check_int, has_layer_parts,
                                     register_strategy)
 from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
-                                   unavailable_reason)
+                                   require_peer_access)
 
 _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the kernel (a named error from the watchdog), not a silent spin
 
@@ -89,9 +89,7 @@ def sum_add_norm_reference(bufs: list[torch.Tensor], residual: torch.Tensor | No
 class SymmNormStrategy(CommStrategy):
     def __init__(self, cfg: SymmNormConfig, info) -> None:
         super().__init__(cfg, info)
-        reason = unavailable_reason(info, self.name)
-        if reason is not None:
-            raise ValueError(reason)
+        require_peer_access(info, self.name)
         self.peers: list[torch.Tensor] = []  # every rank's [slots, capacity, hidden] buffers (own one included)
         self.handle = None
         self.group_name = ""
