@@ -5,7 +5,8 @@
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
-#   decode/prefill sweeps' strategies; SCALING_TP and SCALING_STRATEGIES the scaling stage's sweep.
+#   decode/prefill sweeps' strategies and STEP_ARGS extra overrides for them (e.g. "workload.batch_sizes=[192,256]");
+#   SCALING_TP and SCALING_STRATEGIES the scaling stage's sweep.
 # Outputs go to $OUT (the device tool) or results/gpu_out; lab runs write their own directories under it.
 # Installs .whl/ (scripts/build_wheelhouse.sh: hydra, omegaconf, wandb...) with --no-index into /tmp/site,
 # never touching the image's torch. Each stage is time-boxed (STAGE_S seconds, default 300; each GPU test file TESTS_S,
@@ -62,7 +63,7 @@ for stage in $stages; do
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
-             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
+             [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP +strategy=$STEP_STRATEGIES ${STEP_ARGS:-} ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
