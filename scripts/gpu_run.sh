@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
-#                                                         [symm_large] [two_shot] [ce] [lamport_pps] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
+#                                                         [symm_large] [two_shot] [ce] [lamport_pps] [prefetch] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
@@ -89,6 +89,14 @@ for stage in $stages; do
                [ "${PPS_REFS:-1}" = 1 ] && stage=lamport_pps_refs lab -m workload=decode model=$M tp=$TP "$B" \
                  +strategy=blocking,none,symm_norm
                lab -m workload=decode model=$M tp=$TP "$B" +strategy=lamport_norm strategy.programs_per_sm=1,2,4; } ;;
+    prefetch)  # lamport_norm (4 programs per SM) with its kernel asking L2 for the next GEMM's weight while it
+             # waits (prefetch_mib 0 = off, 16, 32), after blocking and none at the same batches (PF_REFS=0 skips
+             # them). Decode steps are bound by weight reads, so the wait could be spent on the next GEMM's.
+             [ "$ngpu" -ge 2 ] && { B="workload.batch_sizes=${PF_BATCHES:-[1,32,128,192,256,512]}"
+               [ "${PF_REFS:-1}" = 1 ] && stage=prefetch_refs lab -m workload=decode model=$M tp=$TP "$B" \
+                 +strategy=blocking,none
+               lab -m workload=decode model=$M tp=$TP "$B" +strategy=lamport_norm strategy.programs_per_sm=4 \
+                 strategy.prefetch_mib=${PF_MIB:-0,16,32}; } ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;

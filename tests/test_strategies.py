@@ -412,10 +412,10 @@ def test_fused_norm_loop_matches_blocking(spec):
     llm_calls, slots = [], []
     orig = cls._reduce
 
-    def counting(self, n, residual, norm):
+    def counting(self, n, residual, norm, nxt=None):
         llm_calls.append(n)
         slots.append(self._slot)
-        return orig(self, n, residual, norm)
+        return orig(self, n, residual, norm, nxt)
 
     cls._reduce = counting
     try:
@@ -432,6 +432,55 @@ def test_fused_norm_loop_matches_blocking(spec):
     assert max(llm_calls) <= spec["max_tokens"]
     if spec["max_tokens"] == 16:
         assert max(llm_calls) < 96  # the long prefill steps went to the blocking loop
+
+
+@pytest.mark.parametrize("mib", [0, 8])
+def test_lamport_norm_prefetches_the_next_blocks_first_weight(mib):
+    """With prefetch_mib, each fused reduction hands the kernel the weight of the GEMM that runs right after its
+    norm: the same layer's gate_up_proj after attention, the next layer's qkv_proj after the MLP, nothing after
+    the last layer. A stand-in for the CUDA kernel records what it is given and computes the kernel's contract
+    (sum, residual add, RMSNorm), so the tokens must still be blocking's."""
+    from nanovllm_lab.comm import lamport_norm
+    calls = []
+
+    def kernel(partial, dst, src, residual, weight, eps, err, spin_limit, programs_per_sm, prefetch, prefetch_bytes):
+        calls.append((prefetch, prefetch_bytes))
+        x = residual.float() + partial.float()
+        if weight is None:
+            return partial, residual
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        return y.to(partial.dtype), x.to(partial.dtype)
+
+    ref = run_scenario("blocking", tp=1)
+    orig = lamport_norm.LamportNormStrategy.prepare
+
+    def prepare(self, *a):
+        orig(self, *a)
+        self._kernel = kernel
+        seen.append(self)
+
+    seen: list = []
+    lamport_norm.LamportNormStrategy.prepare = prepare
+    try:
+        got = run_scenario({"name": "lamport_norm", "local": True, "max_tokens": 16, "prefetch_mib": mib}, tp=1)
+    finally:
+        lamport_norm.LamportNormStrategy.prepare = orig
+    assert got["tokens"] == ref["tokens"]
+    assert seen and calls and len(calls) % 2 == 0
+    if mib == 0:
+        assert all(p is None and b == 0 for p, b in calls)
+        return
+    ends = [i for i, (p, _) in enumerate(calls) if p is None]  # each forward's last reduction
+    step = calls[:ends[0] + 1]
+    assert len(step) >= 4 and len(calls) == len(step) * len(ends)  # two reductions per layer, every forward
+    assert step[-1] == (None, 0) and all(b == 8 << 20 for _, b in step[:-1])
+    mlp = seen[0].prefetch_target  # the blocks whose weights were asked for, in the order the model runs them
+    shapes = [tuple(p.shape) for p, _ in step[:-1]]
+    assert shapes[0] != shapes[1] and shapes[::2] == [shapes[0]] * len(shapes[::2])  # gate_up, qkv, gate_up, ...
+    assert shapes[1::2] == [shapes[1]] * len(shapes[1::2])
+    assert len({id(p) for p, _ in step[:-1]}) == len(step) - 1  # a different layer's weight each time
+    assert [id(p) for p, _ in calls[len(step):2 * len(step)]] == [id(p) for p, _ in step]  # same every forward
+    assert mlp(None) is None
 
 
 def test_every_strategy_runs_at_tp1():

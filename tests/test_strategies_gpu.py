@@ -52,6 +52,8 @@ STRATEGIES = {
     # symm_norm's fused reduction in one kernel with no barrier (pushed rows carry their own arrival flag)
     "lamport_norm": {"name": "lamport_norm"},
     "lamport_norm-decode": {"name": "lamport_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
+    # each kernel also asks L2 for the next GEMM's weight (prefetch instructions only: results must not change)
+    "lamport_norm-prefetch": {"name": "lamport_norm", "programs_per_sm": 4, "prefetch_mib": 32},
     # copy-engine reductions (eager steps; CUDA-graph capture takes the NCCL path), 2 and 3 micro-batches
     "async_ce": {"name": "async_ce", "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},

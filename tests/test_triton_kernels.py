@@ -372,6 +372,10 @@ def test_lamport_rejects_bad_buffers():
         lamport_add_norm(a, [a], [a], None, None, 0.0, err, grid=0)
     with pytest.raises(ValueError, match="spin_limit, grid and programs_per_sm >= 1"):
         lamport_add_norm(a, [a], [a], None, None, 0.0, err, programs_per_sm=0)
+    with pytest.raises(ValueError, match="prefetch_bytes=-1"):
+        lamport_add_norm(a, [a], [a], None, None, 0.0, err, prefetch=a, prefetch_bytes=-1)
+    with pytest.raises(ValueError, match="non-contiguous"):
+        lamport_add_norm(a, [a], [a], None, None, 0.0, err, prefetch=torch.zeros(8, 4).t(), prefetch_bytes=128)
 
 
 def test_lamport_programs_per_sm_is_capped_by_occupancy(monkeypatch):

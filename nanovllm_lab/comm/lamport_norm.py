@@ -28,6 +28,15 @@ qwen3-8b tp=2 decode (session 9, before the cap existed; the GPU stress test ass
 took 0.06-0.14 ms off a step at batch 192-256 and 0.4 ms at 512 (at 128, one row per program already, nothing
 changes). If programs starve anyway, a wait times out (the error flag below) instead of hanging forever.
 
+Prefetch (`prefetch_mib` > 0; PRESERVE, arXiv 2501.08192, does this around all-reduces on other accelerators).
+What a decode step still exposes here is the transfer itself: its HBM and NVLink sit idle-ish while the kernel
+waits for the peers' rows, and the GEMM that follows (qkv_proj or gate_up_proj) is bound by reading its weight
+from HBM. So between its pushes and its waits the kernel issues `prefetch.global.L2` for the first
+`prefetch_mib` MiB of that weight (the next block's first 2-D weight, `prefetch_target`), with at least one
+program per SM. If the lines are still in L2 when the GEMM starts, it reads that part from L2 instead of HBM:
+the wait is spent on the next GEMM's memory traffic. Prefetches change no value, only timing; an H200's L2
+holds 50 MB, so more than that (or than what survives the kernel's own traffic) buys nothing.
+
 A wait that times out (`spin_limit` polls of a row; minutes, so a peer still compiling its first step is waited
 for) sets an error flag on the device instead of hanging; the result is then wrong. `check()` raises with the
 reason: the engine calls it at the end of each generate() and the lab after each job, so such a run fails
@@ -62,10 +71,12 @@ class LamportNormConfig(StrategyConfig):
     local: bool = False     # tp=1: run the fused loop anyway (tests)
     spin_limit: int = _DEFAULT_SPIN_LIMIT  # polls of one row before a wait gives up and flags an error
     programs_per_sm: int = 1  # kernel programs per SM (1 is measured; more: see the module docstring)
+    prefetch_mib: int = 0     # MiB of the next block's first weight the kernel asks L2 for while it waits (0: off)
 
     def __post_init__(self) -> None:
         for key, hi in (("max_tokens", 1 << 31), ("spin_limit", 1 << 31), ("programs_per_sm", 9)):
             check_int(self, key, lo=1, hi=hi)
+        check_int(self, "prefetch_mib", lo=0, hi=1024)
         check_bool(self, "local")
 
 
@@ -80,6 +91,7 @@ class LamportNormStrategy(SymmNormStrategy):
         self.err: torch.Tensor | None = None       # the kernel's timeout flag
         self._kernel = None
         self.reductions = 0  # fused reductions issued (host count; a captured graph's are counted once)
+        self._prefetch: dict[int, torch.Tensor | None] = {}  # id(block) -> its first GEMM weight
         if self.device.type == "cuda":
             from nanovllm_lab.kernels import lamport_norm as k
             self._kernel = k.lamport_add_norm
@@ -116,20 +128,35 @@ class LamportNormStrategy(SymmNormStrategy):
     def _partial_out(self, n: int) -> torch.Tensor:
         return self._partial[:n]  # local: the kernel pushes the rows to the peers itself
 
-    def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, n: int, residual: torch.Tensor, norm, nxt=None) -> tuple[torch.Tensor, torch.Tensor]:
         partial = self._partial[:n]
         if self._kernel is not None:
             s, me = self._slot, self.rank
             dst = [p[s, me, :n] for p in self.peers]                         # my rows, in every rank's buffer
             src = [self.peers[me][s, r, :n] for r in range(self.world_size)]  # every rank's rows, in mine
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            pf = self.prefetch_target(nxt)
             out = self._kernel(partial, dst, src, residual, weight, eps, self.err, self.cfg.spin_limit,
-                               programs_per_sm=self.cfg.programs_per_sm)
+                               programs_per_sm=self.cfg.programs_per_sm, prefetch=pf,
+                               prefetch_bytes=self.cfg.prefetch_mib << 20 if pf is not None else 0)
         else:
             out = sum_add_norm_reference([partial], residual, norm)
         self._slot ^= 1
         self.reductions += 1
         return out
+
+    def prefetch_target(self, block) -> torch.Tensor | None:
+        """The weight whose start the kernel prefetches: `block`'s first GEMM weight (the first 2-D `weight`
+        among its modules, in registration order: Qwen3's qkv_proj, gate_up_proj), the GEMM that runs right
+        after this reduction's norm. None with prefetch off or no block (after the last layer)."""
+        if not self.cfg.prefetch_mib or block is None:
+            return None
+        key = id(block)
+        if key not in self._prefetch:
+            self._prefetch[key] = next((m.weight for m in block.modules()
+                                        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2),
+                                       None)
+        return self._prefetch[key]
 
     def check(self) -> None:
         """Raise if one of this rank's waits timed out since the buffers were made (a host sync)."""

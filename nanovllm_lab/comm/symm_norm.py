@@ -129,9 +129,10 @@ class SymmNormStrategy(CommStrategy):
         """Where the fused loop's GEMM writes its [n, hidden] partial sum: this rank's current symmetric slot."""
         return self.peers[self.rank][self._slot, :n]
 
-    def _reduce(self, n: int, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, n: int, residual: torch.Tensor, norm, nxt=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The partial sums in the current slot -> (norm(residual + sum), residual + sum), or with norm=None
-        (after the last layer) (sum, residual) for the model's final norm. Then the next slot."""
+        (after the last layer) (sum, residual) for the model's final norm. Then the next slot. `nxt`: the block
+        that runs next (None after the last layer), for subclasses that prefetch its weights (lamport_norm)."""
         bufs = [p[self._slot, :n] for p in self.peers]
         if self._fused is not None:
             if self.handle is not None:
@@ -158,9 +159,11 @@ class SymmNormStrategy(CommStrategy):
         try:
             for i, layer in enumerate(layers):
                 layer.self_attn(positions, h)  # o_proj's partial sum lands in the current slot
-                h, residual = self._reduce(n, residual, layer.post_attention_layernorm)
+                h, residual = self._reduce(n, residual, layer.post_attention_layernorm, layer.mlp)
                 layer.mlp(h)
-                h, residual = self._reduce(n, residual, layers[i + 1].input_layernorm if i + 1 < len(layers) else None)
+                last = i + 1 == len(layers)
+                h, residual = self._reduce(n, residual, None if last else layers[i + 1].input_layernorm,
+                                           None if last else layers[i + 1].self_attn)
         finally:
             self._slot = -1
         return h, residual

@@ -24,6 +24,10 @@ Lamport-clock style of TensorRT-LLM's and vLLM's custom all-reduces, written in 
   the lab after each job). Once `err[0]` is set, later calls do not wait at all, so a dead peer costs one
   timeout, not one per reduction.
 
+- `prefetch` (optional): between its pushes and its waits each program issues `prefetch.global.L2` for its
+  share of the first `prefetch_bytes` of a tensor (the next GEMM's weight, comm/lamport_norm.py says why), with
+  the grid raised to at least one program per SM. The instruction returns nothing, so no program waits for it.
+
 The rounding is the one-shot kernel's (float32 sum over ranks 0..world-1, rounded, then `_add_norm_store`).
 `PUSH` / `WAIT` split the kernel in two phases for the CPU tests, where the Triton interpreter runs one
 simulated rank after another; on a GPU both are on.
@@ -67,10 +71,21 @@ def _take(src, off, mask, err_ptr, spin_limit, x_ptr, SENT: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(pf_ptr, pf_lines, pid, grid, LINES: tl.constexpr):
+    """Ask L2 for this program's share of `pf_lines` 128-byte lines from `pf_ptr` (bytes). `prefetch` returns
+    nothing, so no register waits for it: the program goes on to its waits while the lines come in."""
+    for start in range(pid * LINES, pf_lines, grid * LINES):
+        line = tl.minimum(start + tl.arange(0, LINES), pf_lines - 1)  # past the end: the last line again
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [pf_ptr + line.to(tl.int64) * 128], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _lamport_allreduce_norm_kernel(x_ptr, d0, d1, d2, d3, d4, d5, d6, d7, s0, s1, s2, s3, s4, s5, s6, s7,
                                    res_ptr, w_ptr, out_ptr, res_out_ptr, err_ptr, n_rows, n_cols, eps,
-                                   spin_limit, WORLD: tl.constexpr, SENT: tl.constexpr, NORM: tl.constexpr,
-                                   PUSH: tl.constexpr, WAIT: tl.constexpr, BLOCK: tl.constexpr):
+                                   spin_limit, pf_ptr, pf_lines, WORLD: tl.constexpr, SENT: tl.constexpr,
+                                   NORM: tl.constexpr, PUSH: tl.constexpr, WAIT: tl.constexpr,
+                                   PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -96,6 +111,8 @@ def _lamport_allreduce_norm_kernel(x_ptr, d0, d1, d2, d3, d4, d5, d6, d7, s0, s1
                 _push(d6, off, bits, mask)
             if WORLD > 7:
                 _push(d7, off, bits, mask)
+    if PREFETCH:  # between push and wait: the next GEMM's weight streams into L2 while the peers' rows travel
+        _prefetch_l2(pf_ptr, pf_lines, pid, grid, 256)
     if WAIT:
         for row in range(pid, n_rows, grid):
             off = row * n_cols + cols  # int32: the host checks n * hidden < 2**31
@@ -177,12 +194,15 @@ def clear_(t: torch.Tensor) -> torch.Tensor:
 def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor],
                      residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float, err: torch.Tensor,
                      spin_limit: int = DEFAULT_SPIN_LIMIT, grid: int | None = None, push: bool = True,
-                     wait: bool = True, programs_per_sm: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     wait: bool = True, programs_per_sm: int = 1, prefetch: torch.Tensor | None = None,
+                     prefetch_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sum_add_norm`'s contract over pushed rows. `partial`: this rank's [n, hidden] partial sum. `dst[p]`: the
     [n, hidden] block of rank p's receive buffer where this rank's rows go; `src[p]`: the block of this rank's
     receive buffer where rank p's rows arrive (all filled with the sentinel beforehand; left so afterwards).
     `err`: one int32 on the device, set to 1 if a wait timed out. `grid`: programs to launch (tests; default
-    min(n, SMs x programs_per_sm, capped by residency, see the module docstring)). Returns (norm(residual + sum) * weight,
+    min(n, SMs x programs_per_sm, capped by residency, see the module docstring)). `prefetch`: a tensor (the next
+    GEMM's weight) whose first `prefetch_bytes` the kernel asks L2 for between its pushes and its waits, with at
+    least one program per SM (on CUDA only: the interpreter has no prefetch). Returns (norm(residual + sum) * weight,
     residual + sum), or without a weight (sum, residual)."""
     world = len(dst)
     if not 1 <= world <= MAX_WORLD or len(src) != world:
@@ -206,6 +226,12 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
     _check_norm_args("lamport_add_norm", n, hidden, residual, weight)
     if n * hidden >= 1 << 31:
         raise ValueError(f"lamport_add_norm indexes with int32: {n} x {hidden} elements is too many")
+    if prefetch_bytes < 0 or (prefetch is not None and not prefetch.is_contiguous()):
+        raise ValueError(f"lamport_add_norm prefetches the start of a contiguous tensor, got prefetch_bytes="
+                         f"{prefetch_bytes} and a {'non-' if prefetch is not None else ''}contiguous tensor")
+    pf_lines = 0
+    if prefetch is not None and partial.device.type == "cuda":
+        pf_lines = min(prefetch_bytes, prefetch.numel() * prefetch.element_size()) // 128
     norm = weight is not None
     out = torch.empty_like(partial)
     res_out = torch.empty_like(partial) if norm else None
@@ -213,9 +239,10 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
         d = [int_view(b) for b in dst] + [int_view(dst[0])] * (MAX_WORLD - world)
         s = [int_view(b) for b in src] + [int_view(src[0])] * (MAX_WORLD - world)
         args = (partial, *d, *s, residual.contiguous() if norm else out, weight if norm else out, out,
-                res_out if norm else out, err, n, hidden, eps, spin_limit)
+                res_out if norm else out, err, n, hidden, eps, spin_limit,
+                prefetch.reshape(-1).view(torch.uint8) if pf_lines else partial, pf_lines)
         meta = dict(WORLD=world, SENT=SENTINEL[partial.element_size()], NORM=norm, PUSH=push, WAIT=wait,
-                    **row_meta(hidden))
+                    PREFETCH=pf_lines > 0, **row_meta(hidden))
         if grid is None:  # every program resident (see the module docstring)
             if partial.device.type != "cuda":
                 grid = n
@@ -224,5 +251,7 @@ def lamport_add_norm(partial: torch.Tensor, dst: list[torch.Tensor], src: list[t
                 # up to one row per SM the grid is n whatever the cap: no need to read it
                 per_sm = 1 if programs_per_sm == 1 or n <= sms else _programs_per_sm(args, meta, programs_per_sm)
                 grid = min(n, sms * per_sm)
+                if pf_lines:  # every SM issues prefetches, also where there are fewer rows than SMs
+                    grid = max(grid, sms)
         _lamport_allreduce_norm_kernel[(grid,)](*args, **meta)
     return (out, res_out) if norm else (out, residual)
