@@ -79,6 +79,8 @@ for stage in $stages; do
              # (16384: the bench's prefill steps), then symm_norm fused at those sizes. Two multiruns (max_tokens is symm_norm's alone).
              [ "$ngpu" -ge 2 ] && { stage=ce lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=${CE_STRATEGIES:-blocking,none,none_mb,async_ce,async_tp,async}
+               [ -n "${CE_MB:-}" ] && stage=ce_mb lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
+                 +strategy=async_ce strategy.micro_batches=$CE_MB  # CE_MB=3,4: more, smaller micro-batches
                [ "${CE_SYMM_LARGE:-1}" = 1 ] && stage=ce_symm_large lab -m workload=prefill model=$M tp=$TP "workload.tokens=[2048,8192,16384]" \
                  +strategy=symm_norm strategy.max_tokens=16384; } ;;
     lamport_pps)  # lamport_norm with 1, 2, 4 kernel programs per SM at decode (it lost to symm_norm at batch 512 with
