@@ -169,7 +169,9 @@ def test_trace_table_gives_compute_interference_against_none():
                 "trace_comm_busy_us_per_step": comm_us, "trace_exposed_comm_us_per_step": exposed_us,
                 "trace_comm_busy_us": 3 * comm_us, "trace_ce_copy_us": 3 * ce_us, "trace_concurrency": 0.5,
                 "trace_device_busy_fraction": 0.9}
-    summaries = pd.DataFrame([run("none", 200_000, 800, 800), run("async_ce", 212_000, 65_000, 4_400, ce_us=27_000),
+    summaries = pd.DataFrame([run("none", 200_000, 800, 800),
+                              {**run("async_ce", 212_000, 65_000, 4_400, ce_us=27_000),
+                               "trace_gemm_us_per_step": 151_000, "trace_sum_norm_us_per_step": 12_000},
                               run("blocking", 196_000, 38_000, 38_000), run("blocking", 100_000, 9_000, 9_000, tp=4),
                               {"run": "untraced", "status": "ok", "workload": "prefill", "model": "qwen3-8b",
                                "tp": 2, "strategy": "async", "trace_compute_busy_us_per_step": float("nan")}])
@@ -180,6 +182,8 @@ def test_trace_table_gives_compute_interference_against_none():
     assert pd.isna(t.loc[(2, "none"), "compute_interference"]) and pd.isna(t.loc[(4, "blocking"), "compute_interference"])
     assert t.loc[(2, "async_ce"), "exposed_comm_ms"] == pytest.approx(4.4)
     assert t.loc[(2, "async_ce"), "ce_copy_share"] == pytest.approx(27 / 65)
+    assert t.loc[(2, "async_ce"), "gemm_ms"] == pytest.approx(151) and t.loc[(2, "async_ce"), "sum_norm_ms"] == 12
+    assert pd.isna(t.loc[(2, "none"), "gemm_ms"]) and "barrier_ms" not in t  # a class no run had: no column
 
 
 def test_wandb_report_carries_every_table(tmp_path, monkeypatch):

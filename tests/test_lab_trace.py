@@ -47,6 +47,25 @@ def test_partial_overlap():
     assert s["top_comm_kernels"] == [{"name": "ncclDevKernel_AllReduce", "count": 1, "total_us": 80}]
 
 
+def test_kernel_classes_split_a_step_by_what_ran():
+    """Per-step kernel time by class: a fused sum + norm kernel is its own class (not plain communication), a
+    barrier and a copy-engine copy are theirs, and every device event lands in exactly one class."""
+    from nanovllm_lab.lab.trace import KERNEL_CLASSES, kernel_class
+    events = [("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 0, 100, "kernel"), ("_prefill_kernel", 100, 20, "kernel"),
+              ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", 120, 10, "kernel"),
+              ("_sum_add_norm_kernel", 130, 12, "kernel"), ("_lamport_allreduce_norm_kernel", 142, 4, "kernel"),
+              ("c10d::symmetric_memory::barrier_kernel(unsigned int**, int, int)", 50, 30, "kernel"),
+              ("Memcpy PtoP (Device -> Device)", 60, 8, "gpu_memcpy"),
+              ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 150, 6, "kernel"), ("_store_kvcache_kernel", 156, 2, "kernel"),
+              ("Memcpy HtoD (Pageable -> Device)", 0, 3, "gpu_memcpy"), ("aten::mm", 0, 500, "cpu_op")]
+    s = analyze_events(events, num_steps=2)
+    got = {c: s[f"{c}_us_per_step"] for c in KERNEL_CLASSES}
+    assert got == {"gemm": 50, "attention": 10, "norm": 5, "sum_norm": 8, "nccl": 3, "barrier": 15, "ce_copy": 4,
+                   "other": 1}  # the host-to-device copy and the CPU op are not device kernels
+    assert kernel_class(TraceEvent("ncclDevKernel_AllGather_RING_LL", 0, 1, "kernel")) == "nccl"
+    assert sum(got.values()) * 2 == pytest.approx(s["compute_kernel_us"] + s["comm_kernel_us"])
+
+
 def test_overlapping_comm_kernels_are_not_double_counted():
     events = [TraceEvent("one_shot_all_reduce", 0, 10, "kernel"), TraceEvent("ncclKernel", 5, 10, "kernel"),
               TraceEvent("gemm", 0, 100, "kernel")]

@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from nanovllm_lab.lab import plots, results
+from nanovllm_lab.lab.trace import KERNEL_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,10 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     ok = ok.assign(trace_compute_busy_us_per_step=pd.to_numeric(ok["trace_compute_busy_us_per_step"]))
     none = _group_median(ok, "none", "trace_compute_busy_us_per_step")
     out["compute_interference"] = (ok["trace_compute_busy_us_per_step"] / none - 1).where(ok["strategy"] != "none")
+    for cls in KERNEL_CLASSES:  # summed kernel time per step by class (ms): where a strategy's extra time goes
+        col = f"trace_{cls}_us_per_step"
+        if col in ok and pd.to_numeric(ok[col], errors="coerce").fillna(0).any():
+            out[f"{cls}_ms"] = pd.to_numeric(ok[col], errors="coerce") / 1e3
     return out.sort_values([*_GROUP, "strategy"], kind="stable").reset_index(drop=True)
 
 

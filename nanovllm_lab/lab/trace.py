@@ -14,6 +14,12 @@ the same kernels in lockstep) and exports a Chrome trace (open it in chrome://tr
 - copy-engine transfers: device-to-device and peer-to-peer memcpy events (torch.profiler's `gpu_memcpy`
   category) are communication too: async_ce moves its reductions with them, on no SM. Host-device copies are not
   counted. `ce_copy_us` is their summed duration.
+- kernel classes (`kernel_class`): each device event's time per step also goes to one of gemm, attention,
+  norm (plain RMSNorm / add kernels), sum_norm (the fused sum + residual add + RMSNorm consumers of symm_norm,
+  async_ce and lamport_norm), nccl (NCCL and symm_mem's own collectives), barrier (symm_mem's signal pads),
+  ce_copy, other. Why: the comm/compute split above counts a fused sum + norm kernel as communication, though
+  it also does the norm that a `none` run does as compute; comparing a strategy with `none` (or `none_mb`) class
+  by class says where its extra time goes (a GEMM slowed beside copies, a norm that reads two inputs, waits).
 - device idle: the part of the kernel span with no kernel at all running. A large share means the host,
   not the GPU, sets the pace (launch-bound eager steps; session 6's tp=4 prefill steps up to 2048 tokens were
   suspected of it). A long NCCL kernel in a host-bound run is mostly waiting for a slower rank to launch its half.
@@ -81,6 +87,26 @@ def length(intervals: Iterable[Interval]) -> float:
     return float(sum(e - s for s, e in intervals))
 
 
+KERNEL_CLASSES = ("gemm", "attention", "norm", "sum_norm", "nccl", "barrier", "ce_copy", "other")
+_CLASS_RULES = (  # first match wins: (class, substrings of the lower-cased kernel name)
+    ("barrier", ("barrier",)),
+    ("sum_norm", ("sum_add_norm", "lamport", "two_shot_add_norm", "two_shot_reduce")),
+    ("nccl", ("nccl", "one_shot", "two_shot", "all_reduce", "allreduce", "reduce_scatter", "all_gather",
+              "cross_device", "symm")),
+    ("attention", ("attention", "attn", "flash", "_prefill_kernel", "_decode_partial", "_decode_reduce")),
+    ("norm", ("rsqrt", "rms", "norm")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_", "wgmma")),
+)
+
+
+def kernel_class(ev: "TraceEvent") -> str:
+    """Which of KERNEL_CLASSES a device event is (see the module docstring)."""
+    if is_ce_transfer(ev):
+        return "ce_copy"
+    name = ev.name.lower()
+    return next((cls for cls, keys in _CLASS_RULES if any(k in name for k in keys)), "other")
+
+
 def _top(events: list[TraceEvent], n: int = 10) -> list[dict[str, Any]]:
     acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for ev in events:
@@ -115,7 +141,12 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         "device_idle_us": float(span - busy), "device_busy_fraction": busy / span if span > 0 else 0.0,
         "top_comm_kernels": _top(comm), "top_compute_kernels": _top(compute),
     }
+    by_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    for ev in kernels:
+        by_class[kernel_class(ev)] += ev.dur_us
     if num_steps:
+        for cls, us in by_class.items():
+            out[f"{cls}_us_per_step"] = us / num_steps
         out["num_steps"] = num_steps
         out["exposed_comm_us_per_step"] = out["exposed_comm_us"] / num_steps
         out["comm_busy_us_per_step"] = comm_busy / num_steps
