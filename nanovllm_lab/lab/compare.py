@@ -201,8 +201,9 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     out["compute_interference"] = (ok["trace_compute_busy_us_per_step"] / none - 1).where(ok["strategy"] != "none")
     for cls in KERNEL_CLASSES:  # summed kernel time per step by class (ms): where a strategy's extra time goes
         col = f"trace_{cls}_us_per_step"
-        if col in ok and pd.to_numeric(ok[col], errors="coerce").fillna(0).any():
-            out[f"{cls}_ms"] = pd.to_numeric(ok[col], errors="coerce") / 1e3
+        us = pd.to_numeric(ok[col], errors="coerce") if col in ok else None
+        if us is not None and us.fillna(0).any():
+            out[f"{cls}_ms"] = us / 1e3
     return out.sort_values([*_GROUP, "strategy"], kind="stable").reset_index(drop=True)
 
 

@@ -141,10 +141,10 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         "device_idle_us": float(span - busy), "device_busy_fraction": busy / span if span > 0 else 0.0,
         "top_comm_kernels": _top(comm), "top_compute_kernels": _top(compute),
     }
-    by_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
-    for ev in kernels:
-        by_class[kernel_class(ev)] += ev.dur_us
     if num_steps:
+        by_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
+        for ev in kernels:
+            by_class[kernel_class(ev)] += ev.dur_us
         for cls, us in by_class.items():
             out[f"{cls}_us_per_step"] = us / num_steps
         out["num_steps"] = num_steps
