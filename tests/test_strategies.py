@@ -441,15 +441,17 @@ def test_lamport_norm_prefetches_the_next_blocks_first_weight(mib):
     the last layer. A stand-in for the CUDA kernel records what it is given and computes the kernel's contract
     (sum, residual add, RMSNorm), so the tokens must still be blocking's."""
     from nanovllm_lab.comm import lamport_norm
+    from nanovllm_lab.layers.layernorm import RMSNorm
     calls = []
 
     def kernel(partial, dst, src, residual, weight, eps, err, spin_limit, programs_per_sm, prefetch, prefetch_bytes):
         calls.append((prefetch, prefetch_bytes))
-        x = residual.float() + partial.float()
         if weight is None:
             return partial, residual
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-        return y.to(partial.dtype), x.to(partial.dtype)
+        norm = RMSNorm(weight.numel(), eps)
+        norm.weight.data = weight
+        x = (partial.float() + residual.float()).to(partial.dtype)  # RMSNorm.forward's add, then its norm
+        return norm.norm(x), x
 
     ref = run_scenario("blocking", tp=1)
     orig = lamport_norm.LamportNormStrategy.prepare
@@ -474,13 +476,12 @@ def test_lamport_norm_prefetches_the_next_blocks_first_weight(mib):
     step = calls[:ends[0] + 1]
     assert len(step) >= 4 and len(calls) == len(step) * len(ends)  # two reductions per layer, every forward
     assert step[-1] == (None, 0) and all(b == 8 << 20 for _, b in step[:-1])
-    mlp = seen[0].prefetch_target  # the blocks whose weights were asked for, in the order the model runs them
     shapes = [tuple(p.shape) for p, _ in step[:-1]]
     assert shapes[0] != shapes[1] and shapes[::2] == [shapes[0]] * len(shapes[::2])  # gate_up, qkv, gate_up, ...
     assert shapes[1::2] == [shapes[1]] * len(shapes[1::2])
     assert len({id(p) for p, _ in step[:-1]}) == len(step) - 1  # a different layer's weight each time
     assert [id(p) for p, _ in calls[len(step):2 * len(step)]] == [id(p) for p, _ in step]  # same every forward
-    assert mlp(None) is None
+    assert seen[0].prefetch_target(None) is None  # after the last layer: nothing to prefetch
 
 
 def test_every_strategy_runs_at_tp1():
