@@ -40,6 +40,11 @@ lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage'
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
   tail -n 30 "$O/$stage.log"; echo "$stage: rc=$rc after $((SECONDS - t0)) s (124: the box)" | tee -a "$O/$stage.log"; }
+decode_vs_refs() {  # decode steps at batch sizes $1: the reference strategies $2 (as <stage>_refs; skipped unless
+  # $3 is 1, e.g. when `decode` ran in the same call), then the swept run whose overrides follow
+  local B="workload.batch_sizes=$1" refs=$2 run_refs=$3; shift 3
+  [ "$run_refs" = 1 ] && stage=${stage}_refs lab -m workload=decode model=$M tp=$TP "$B" +strategy=$refs
+  lab -m workload=decode model=$M tp=$TP "$B" "$@"; }
 for stage in $stages; do
   echo "== $stage"
   case $stage in
@@ -87,18 +92,13 @@ for stage in $stages; do
              # one program per SM, session 8), after blocking, none and symm_norm at the same batches in the same call
              # (PPS_REFS=0 skips them when `decode` ran in the call). 192: the bench's batches 129-256. Two boxed
              # multiruns: up to 2 x STAGE_S (session 9: STAGE_S=150 cut symm_norm's reference run).
-             [ "$ngpu" -ge 2 ] && { B="workload.batch_sizes=[128,192,256,512]"
-               [ "${PPS_REFS:-1}" = 1 ] && stage=lamport_pps_refs lab -m workload=decode model=$M tp=$TP "$B" \
-                 +strategy=blocking,none,symm_norm
-               lab -m workload=decode model=$M tp=$TP "$B" +strategy=lamport_norm strategy.programs_per_sm=1,2,4; } ;;
+             [ "$ngpu" -ge 2 ] && decode_vs_refs "[128,192,256,512]" blocking,none,symm_norm "${PPS_REFS:-1}" \
+               +strategy=lamport_norm strategy.programs_per_sm=1,2,4 ;;
     prefetch)  # lamport_norm (4 programs per SM) with its kernel asking L2 for the next GEMM's weight while it
              # waits (prefetch_mib 0 = off, 16, 32), after blocking and none at the same batches (PF_REFS=0 skips
              # them). Decode steps are bound by weight reads, so the wait could be spent on the next GEMM's.
-             [ "$ngpu" -ge 2 ] && { B="workload.batch_sizes=${PF_BATCHES:-[1,32,128,192,256,512]}"
-               [ "${PF_REFS:-1}" = 1 ] && stage=prefetch_refs lab -m workload=decode model=$M tp=$TP "$B" \
-                 +strategy=blocking,none
-               lab -m workload=decode model=$M tp=$TP "$B" +strategy=lamport_norm strategy.programs_per_sm=4 \
-                 strategy.prefetch_mib=${PF_MIB:-0,16,32}; } ;;
+             [ "$ngpu" -ge 2 ] && decode_vs_refs "${PF_BATCHES:-[1,32,128,192,256,512]}" blocking,none "${PF_REFS:-1}" \
+               +strategy=lamport_norm strategy.programs_per_sm=4 strategy.prefetch_mib=${PF_MIB:-0,16,32} ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
                +strategy=blocking,overlap,none,symm_norm ;;
