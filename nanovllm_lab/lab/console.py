@@ -40,6 +40,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print(f"\n{title}\n{df.to_string(index=False, formatters={c: _fmt for c in df.columns})}\n")
         return
@@ -47,7 +48,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     for col in df.columns:
         table.add_column(HEADERS.get(str(col), str(col)), overflow="fold", no_wrap=col != "run")
     for row in df.itertuples(index=False):
-        table.add_row(*(_fmt(v) for v in row))
+        table.add_row(*(Text(_fmt(v)) for v in row))  # plain text: an error message's "[/path]" is not markup
     # A terminal's own width; a pipe or a log file gets a wide fixed one rather than rich's 80 columns.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
