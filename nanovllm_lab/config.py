@@ -28,6 +28,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    prefill_graphs: int = 0  # cuda: CUDA graphs kept for this many repeated prefill step shapes (engine/prefill_graphs.py)
     torch_compile: bool | None = None  # fuse RMSNorm/RoPE/SiLU-mul/sampler (utils/compile.py); None: on for cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (engine/overlap.py)
     kvcache_block_size: int = 256
@@ -62,6 +63,8 @@ class Config:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "device", "must be 'auto', 'cpu' or 'cuda'")
         need(isinstance(self.enforce_eager, bool), "enforce_eager", "must be a bool")
+        need(isinstance(self.prefill_graphs, int) and not isinstance(self.prefill_graphs, bool)
+             and self.prefill_graphs >= 0, "prefill_graphs", "must be an integer >= 0 (0: eager prefill)")
         need(self.torch_compile is None or isinstance(self.torch_compile, bool), "torch_compile",
              "must be a bool or None (automatic)")
         need(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")

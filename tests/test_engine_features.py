@@ -129,3 +129,37 @@ def test_step_input_pickles_by_value_not_through_shared_memory():
     for name in ("input_ids", "positions", "slot_mapping", "temperatures"):
         got, want = getattr(back, name), getattr(step, name)
         assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_prefill_graph_policy_captures_repeated_shapes_up_to_the_limit():
+    """Which prefill steps run from a CUDA graph (engine/prefill_graphs.py): a shape's first sighting runs
+    eagerly (it warms what the capture needs), its second is captured, later ones replay; once `limit` shapes
+    hold graphs, new shapes stay eager. The key separates what fixes the kernels: boundaries and cached context."""
+    from nanovllm_lab.engine.inputs import StepInput
+    from nanovllm_lab.engine.prefill_graphs import CapturePolicy, shape_key
+
+    def step(lens, cached=0, width=None):
+        n = sum(lens)
+        cq, ck = [0], [0]
+        for x in lens:
+            cq.append(cq[-1] + x)
+            ck.append(ck[-1] + x + cached)
+        tables = None if width is None else torch.zeros(len(lens), width, dtype=torch.int32)
+        return StepInput(True, torch.zeros(n, dtype=torch.int64), torch.arange(n), torch.zeros(n, dtype=torch.int32),
+                         torch.zeros(len(lens)), cq, ck, None, tables)
+
+    a, b, c = shape_key(step([4, 4])), shape_key(step([5, 3])), shape_key(step([4, 4], cached=16, width=2))
+    assert len({a, b, c, shape_key(step([4, 4], cached=16, width=3))}) == 4  # same token count, other kernels
+    assert shape_key(step([4, 4])) == a  # other tokens, same shape
+    p = CapturePolicy(limit=2)
+    assert [p.decide(k) for k in (a, a, a, b, c, b, b, c, c)] == [
+        "eager", "capture", "replay", "eager", "eager", "capture", "replay", "eager", "eager"]
+    assert p.captured == {a, b}
+    assert CapturePolicy(limit=0).decide(a) == "eager"
+
+
+def test_prefill_graphs_ignored_on_cpu(qwen3_dir, reference):
+    """CUDA graphs exist only on cuda: on cpu the option leaves every step eager and the outputs unchanged."""
+    with LLM(qwen3_dir, kvcache_block_size=16, num_kvcache_blocks=128, prefill_graphs=4) as llm:
+        assert llm.model_runner.prefill_graphs is None
+        assert [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == reference

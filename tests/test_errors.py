@@ -56,6 +56,8 @@ def test_unknown_kwarg_names_it(qwen3_dir):
     ({"load_format": "pt"}, "Config.load_format"),
     ({"attention_backend": "nope"}, "unknown attention backend 'nope'; valid: flash_attn, torch, triton"),
     ({"strategy": "nope"}, "unknown strategy 'nope'; valid: .*blocking"),
+    ({"prefill_graphs": -1}, "Config.prefill_graphs: must be an integer >= 0"),
+    ({"prefill_graphs": True}, "Config.prefill_graphs"),
 ])
 def test_config_errors(qwen3_dir, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -84,10 +84,13 @@ class ModelRunner:
             self.step_hooks: list[Callable[[StepRecord], None]] = []
             self.logits_log: list[torch.Tensor] | None = None  # set to [] to keep each step's logits (tests, analysis)
             self.num_kvcache_blocks = self._allocate_kv_cache()
-            self.graphs = None
+            self.graphs = self.prefill_graphs = None
             if self.device.type == "cuda" and not config.enforce_eager:
                 from nanovllm_lab.engine.cuda_graph import DecodeGraphs
                 self.graphs = DecodeGraphs(self)
+                if config.prefill_graphs > 0:
+                    from nanovllm_lab.engine.prefill_graphs import PrefillGraphs
+                    self.prefill_graphs = PrefillGraphs(self, config.prefill_graphs)
             if self.device.type == "cuda":
                 self._warm_kernels()
         except BaseException:
@@ -210,11 +213,19 @@ class ModelRunner:
         (engine/overlap.py). For that every rank samples (the same all-gathered logits, the same seeded
         generator: the same tokens), so worker ranks have the ids too."""
         carry = Carry(self._last_tokens, *carry_rows) if carry_rows else None
+        prefill_graph = None
+        if step.is_prefill and self.prefill_graphs is not None:  # before the timer: a capture is not the step's time
+            prefill_graph = self.prefill_graphs.lookup(step)
         timer = StepTimer(self.device)
         use_graph = self.graphs is not None and not step.is_prefill and self.graphs.can_run(step.num_seqs)
-        # Built once: the eager forward and the LM head (last tokens from cu_seqlens) share it.
-        ctx = AttentionContext(is_prefill=False) if use_graph else step.to_context(self.device)
-        hidden = self.graphs.replay(step, carry) if use_graph else self._forward(step, ctx, carry)
+        # Built once: the forward and the LM head (last tokens from cu_seqlens) share it.
+        if use_graph:
+            ctx, hidden = AttentionContext(is_prefill=False), self.graphs.replay(step, carry)
+        elif prefill_graph is not None:
+            ctx, hidden = prefill_graph.ctx, self.prefill_graphs.replay(prefill_graph, step, carry)
+        else:
+            ctx = step.to_context(self.device)
+            hidden = self._forward(step, ctx, carry)
         set_context(ctx)
         try:
             logits = self.model.compute_logits(hidden)
@@ -228,7 +239,7 @@ class ModelRunner:
             return None
         if self.logits_log is not None:
             self.logits_log.append(logits.float().cpu())
-        pending = Pending(step, tokens, timer, use_graph)
+        pending = Pending(step, tokens, timer, use_graph or prefill_graph is not None)
         pending.start_copy()
         return pending
 
@@ -248,7 +259,7 @@ class ModelRunner:
         # Graphs (which hold captured NCCL kernels), model and cache go first, the process group last.
         for m in getattr(self, "attn_layers", []):
             m.k_cache = m.v_cache = torch.tensor([])
-        self.graphs = self.model = self.kv_cache = self.logits_log = None
+        self.graphs = self.prefill_graphs = self.model = self.kv_cache = self.logits_log = None
         self.attn_layers = []
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             gc.collect()  # graphs and modules can sit in reference cycles

@@ -179,6 +179,7 @@ class LabConfig:
     device: str = "auto"
     dtype: str = "auto"
     enforce_eager: bool = False
+    prefill_graphs: int = 0         # cuda: replay repeated prefill step shapes from CUDA graphs (up to this many)
     torch_compile: Optional[bool] = None  # fuse the small elementwise layers with torch.compile; null: on for cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (ignore_eos)
     max_model_len: int = 4096
