@@ -54,7 +54,7 @@ STRATEGIES = {
     "lamport_norm-decode": {"name": "lamport_norm", "max_tokens": 16},  # prefill steps (up to 96 tokens) unfused
     # each kernel also asks L2 for the next GEMM's weight (prefetch instructions only: results must not change)
     "lamport_norm-prefetch": {"name": "lamport_norm", "programs_per_sm": 4, "prefetch_mib": 32},
-    # copy-engine reductions (eager steps; CUDA-graph capture takes the NCCL path), 2 and 3 micro-batches
+    # copy-engine reductions (captured in decode graphs too), 2 and 3 micro-batches
     "async_ce": {"name": "async_ce", "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},
     # each reduction fused with its GEMM (torch's async-TP operators); every prefill and eager decode step fused
@@ -71,10 +71,29 @@ STRATEGIES = {
 }
 
 
-def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = True) -> dict:
-    """One engine in this process: BATCH_A then BATCH_B, greedy; its tokens and every step's logits.
+# Prefill graphs: three rounds of the same step shapes with other tokens (round 1 eager, round 2 captured, round
+# 3 replayed), fresh prompts (5 + 33 + 50 tokens in one step, within max_num_batched_tokens) and prompts that extend a cached 64-token prefix
+# (3 and 1 new tokens, read with their cached context: the paged variant). Each round: the fresh prompts, then
+# the prefix ones.
+PREFIX = list(range(100, 164))
+
+
+def prefill_graph_rounds() -> list[list[list[int]]]:
+    batches = []
+    for r in range(3):
+        o = 200 + 50 * r
+        batches.append([list(range(o, o + 5)), list(range(o + 1, o + 34)), list(range(o + 2, o + 52))])
+        batches.append([PREFIX + [o, o + 1, o + 2], PREFIX + [o + 7]])
+    return batches
+
+
+def scenario_in_process(strategy, dtype: str, mode: str, exit_engine: bool = True) -> dict:
+    """One engine in this process, greedy; its tokens and every step's logits. mode "eager" / "graph" (decode
+    graphs): BATCH_A then BATCH_B. "prefill_graph" (prefill graphs too) / "prefill_ref" (eager prefill, its
+    reference): the rounds of prefill_graph_rounds(), after PREFIX alone (which fills the prefix cache).
     exit_engine=False leaves the engine up, for a caller that ends the process right after."""
-    llm = LLM("tiny", strategy=strategy, dtype=dtype, enforce_eager=eager, **ENGINE)
+    extra = {"prefill_graphs": 8} if mode == "prefill_graph" else {}
+    llm = LLM("tiny", strategy=strategy, dtype=dtype, enforce_eager=mode == "eager", **ENGINE, **extra)
     try:
         logits: list[torch.Tensor] = []
         sampler = llm.model_runner.sampler
@@ -84,9 +103,16 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
             return sampler(lg, temps, gen)
 
         llm.model_runner.sampler = recording_sampler
-        out = llm.generate(BATCH_A, GREEDY, use_tqdm=False) + llm.generate(BATCH_B, GREEDY, use_tqdm=False)
+        records: list = []
+        llm.model_runner.step_hooks.append(records.append)
+        if mode.startswith("prefill"):
+            batches = [[PREFIX]] + prefill_graph_rounds()
+        else:
+            batches = [BATCH_A, BATCH_B]
+        out = [o for b in batches for o in llm.generate(b, GREEDY, use_tqdm=False)]
         return {"tokens": [o["token_ids"] for o in out], "logits": logits,
                 "graphs": llm.model_runner.graphs is not None,
+                "prefill_graph_steps": sum(r.cuda_graph for r in records if r.phase == "prefill"),
                 "copies": getattr(llm.model_runner.strategy, "copies", None),  # async_ce: reductions by copy engine
                 "fused": getattr(llm.model_runner.strategy, "fused", None),    # async_ce: summed inside the norm
                 "lamport": (getattr(llm.model_runner.strategy, "reductions", None),  # lamport_norm: fused calls
@@ -99,7 +125,7 @@ def scenario_in_process(strategy, dtype: str, eager: bool, exit_engine: bool = T
             llm.exit()
 
 
-def run_scenario(strategy, dtype: str, eager: bool) -> dict:
+def run_scenario(strategy, dtype: str, mode: str) -> dict:
     """The scenario in a process of its own (this file run as a script), so that no engine's state or teardown
     can touch the next one. In session 5 the whole file timed out on 2 x H200 because rank 0's NCCL teardown
     never returned after the first scenario had finished (results/gpu/2026-11-28e_h200x2). The child saves its
@@ -109,30 +135,38 @@ def run_scenario(strategy, dtype: str, eager: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.pt")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        cmd = [sys.executable, __file__, json.dumps(strategy), dtype, "eager" if eager else "graph", path]
+        cmd = [sys.executable, __file__, json.dumps(strategy), dtype, mode, path]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             detail = f"rc {proc.returncode}\n{proc.stderr[-4000:]}"
         except subprocess.TimeoutExpired as e:
             detail = f"no exit in 300 s\n{(e.stderr or b'')[-4000:]!r}"
         if not os.path.exists(path):
-            pytest.fail(f"scenario {strategy!r} {dtype} eager={eager} left no result: {detail}")
+            pytest.fail(f"scenario {strategy!r} {dtype} {mode} left no result: {detail}")
         return torch.load(path)
 
 
 _REF: dict = {}
 
 
-def reference(dtype: str, eager: bool) -> dict:
-    if (dtype, eager) not in _REF:
-        _REF[(dtype, eager)] = run_scenario("blocking", dtype, eager)
-    return _REF[(dtype, eager)]
+def reference(dtype: str, mode: str) -> dict:
+    if (dtype, mode) not in _REF:
+        _REF[(dtype, mode)] = run_scenario("blocking", dtype, mode)
+    return _REF[(dtype, mode)]
+
+
+def assert_same(got: dict, ref: dict, key: str) -> None:
+    assert got["tokens"] == ref["tokens"], key
+    assert len(got["logits"]) == len(ref["logits"]), key
+    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "cudagraph"])
 @pytest.mark.parametrize("key", list(STRATEGIES))
 def test_float32_matches_blocking(key, eager):
-    ref, got = reference("float32", eager), run_scenario(STRATEGIES[key], "float32", eager)
+    mode = "eager" if eager else "graph"
+    ref, got = reference("float32", mode), run_scenario(STRATEGIES[key], "float32", mode)
     assert got["graphs"] == (not eager)
     if key == "overlap-symm_norm":  # the table's two delegates both ran
         assert {"symm_norm", "rsag"} <= set(got["history"]), got["history"]
@@ -146,15 +180,27 @@ def test_float32_matches_blocking(key, eager):
         assert got["fused_gemms"] > 0, got["fused_gemms"]
     if key.startswith("lamport_norm"):  # its own kernel ran, and no wait timed out
         assert got["lamport"][0] > 0 and got["lamport"][1] == 0, got["lamport"]
-    assert got["tokens"] == ref["tokens"], key
-    for i, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{key}, step {i}: {m}")
+    assert_same(got, ref, key)
+
+
+@pytest.mark.parametrize("key", ["blocking", "async_ce", "symm_norm", "lamport_norm", "async"])
+def test_prefill_graphs_match_eager_blocking(key):
+    """Prefill replayed from CUDA graphs (Config.prefill_graphs) against blocking's eager prefill: fresh and
+    prefix-cached shapes, each captured on its second round and replayed on its third with other tokens."""
+    strategy = STRATEGIES.get(key, key)
+    ref, got = reference("float32", "prefill_ref"), run_scenario(strategy, "float32", "prefill_graph")
+    assert ref["prefill_graph_steps"] == 0
+    # 2 shapes x rounds 2 and 3 (round 1 runs eagerly; PREFIX alone is a shape of its own)
+    assert got["prefill_graph_steps"] == 4, got["prefill_graph_steps"]
+    if key == "async_ce":  # its copy-engine path was captured, not the NCCL fallback
+        assert got["copies"] > 0 and got["fused"] > 0, (got["copies"], got["fused"])
+    assert_same(got, ref, key)
 
 
 @pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot",
                                  "async_ce", "lamport_norm", "async_tp"])
 def test_bf16_cudagraph_close_to_blocking(key):
-    ref, got = reference("bfloat16", False), run_scenario(STRATEGIES[key], "bfloat16", False)
+    ref, got = reference("bfloat16", "graph"), run_scenario(STRATEGIES[key], "bfloat16", "graph")
     assert got["tokens"][0][0] == ref["tokens"][0][0]
     # Same inputs up to the first sampled token: the first step's logits are compared strictly.
     torch.testing.assert_close(got["logits"][0], ref["logits"][0], atol=3e-2, rtol=3e-2)
@@ -165,9 +211,9 @@ def test_bf16_cudagraph_close_to_blocking(key):
 def test_symm_engines_one_after_another_in_one_process():
     """Rank 0 outlives its engines while each engine's workers are new processes: the second symm engine of a
     process used to wait forever at rendezvous (torch's per-process exchange counter; comm/symm.py)."""
-    ref = reference("float32", True)
+    ref = reference("float32", "eager")
     for key in ("symm", "symm", "symm_norm"):
-        assert scenario_in_process(STRATEGIES[key], "float32", True)["tokens"] == ref["tokens"], key
+        assert scenario_in_process(STRATEGIES[key], "float32", "eager")["tokens"] == ref["tokens"], key
 
 
 # -- symmetric memory against NCCL ---------------------------------------------------------------------
@@ -351,9 +397,9 @@ def test_lamport_norm_matches_nccl_and_the_norm_layer(programs_per_sm):
             print(f"rank {rank}: one SM holds {res['resident']} programs of the lamport kernel's variants")
 
 
-if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE eager|graph RESULT_PATH
+if __name__ == "__main__":  # run_scenario's child: STRATEGY_JSON DTYPE MODE RESULT_PATH
     _strategy, _dtype, _mode, _path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    _got = scenario_in_process(_strategy, _dtype, _mode == "eager", exit_engine=False)
+    _got = scenario_in_process(_strategy, _dtype, _mode, exit_engine=False)
     torch.save(_got, _path + ".tmp")
     os.replace(_path + ".tmp", _path)  # whole or absent
     sys.stdout.flush()

@@ -24,15 +24,17 @@ Buffer reuse:
   once every peer has finished everything before its own barrier j on its communication stream, i.e. its
   copies for reductions < j. So before GEMM k overwrites its slot (last used by reduction k - S), the compute
   stream waits for E_{k-S+1}.
+- across steps: each step numbers its reductions from 0, after a barrier that opens it on the communication
+  stream (forked from the compute stream) and that the compute stream waits for. A peer reaches that barrier
+  only after all it queued before the step, its copies out of r's slots included, so every slot is free. The
+  first S - 1 GEMMs of a step need no guard, and a step's slot sequence depends on nothing before it: a CUDA
+  graph can capture it (`Config.prefill_graphs`, decode graphs), at the cost of one barrier per step.
 - r's own slot and scratch slot k % S are read on the compute stream by reduction k's consumer. The GEMM that
   reuses them (k + S) and the copy into the scratch slot (which waits for the compute stream up to that GEMM)
   are enqueued after that consumer as long as fewer than S reductions are issued between a reduction and its
   consumer: at most 2 (micro_batches - 1) (stages="layer" issues two per stage), so S = 2 micro_batches + 1.
-The reduction counter runs across steps.
-
-Where it does not apply, reductions take `async`'s NCCL path on the same stream: steps larger than the buffer,
-dtypes other than float32/bfloat16, and CUDA-graph capture (a captured graph would bake in one slot sequence;
-decode is symm_norm's job anyway). `emulate=True` runs the slot logic on gloo, with the peers' rows fetched by an
+Where it does not apply, reductions take `async`'s NCCL path on the same stream: steps larger than the buffer
+and dtypes other than float32/bfloat16. `emulate=True` runs the slot logic on gloo, with the peers' rows fetched by an
 all-gather, so that CPU tests check it against blocking; without it, asking for this strategy at tp>1 on gloo is
 a clear error, as for `symm`.
 """
@@ -49,6 +51,7 @@ from nanovllm_lab.comm.base import PendingReduction, check_bool, register_strate
 from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
 from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
                                    require_peer_access)
+from nanovllm_lab.utils.context import get_context
 
 _BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the barrier kernel (a named error), not a silent spin
 
@@ -107,7 +110,8 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
         self.scratch: torch.Tensor | None = None  # [S, world - 1, capacity, hidden]: the peers' rows, copied in
         self.handle = None
         self.group_name = ""
-        self.copies = 0                         # reductions issued through the slots so far (all steps): k
+        self._k = 0                             # this step's reductions through the slots so far: k
+        self.copies = 0                         # all steps' (as issued, not replayed; tests, logs)
         self._events: dict[int, Any] = {}      # E_k of the last S reductions (CUDA)
         self.fused = 0                          # consumers that summed inside their RMSNorm (tests, logs)
         self._fused_norm = None
@@ -136,20 +140,19 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
         if not self.slots or x.dim() != 2 or x.dtype != self.slots[0].dtype:
             return False
         _, capacity, hidden = self.slots[0].shape
-        if weight.shape[0] != hidden or x.shape[0] > capacity:
-            return False
-        return self.reducer.stream is None or not torch.cuda.is_current_stream_capturing()
+        return weight.shape[0] == hidden and x.shape[0] <= capacity
 
     def _issue(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> PendingReduction:
         if not self._fits(x, weight):
             return super()._issue(x, weight, bias)
-        n, k, s = x.shape[0], self.copies, self.copies % self.num_slots
+        n, k, s = x.shape[0], self._k, self._k % self.num_slots
         stream = self.reducer.stream
         if stream is not None:  # every peer has finished copying this slot's last use (see the docstring)
             guard = self._events.pop(k - self.num_slots + 1, None)
             if guard is not None:
                 torch.cuda.current_stream(self.device).wait_event(guard)
         own = linear_into(self.slots[0 if self.cfg.emulate else self.rank][s, :n], x, weight, bias)
+        self._k += 1
         self.copies += 1
         if stream is None:  # emulate (CPU, gloo): the peers' rows from an all-gather of the slots
             gathered = torch.empty((self.world_size * n, own.shape[1]), dtype=own.dtype, device=own.device)
@@ -169,6 +172,17 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
             ev.record(stream)
         self._events[k] = ev
         return CePending(parts, self._sum_of, event=ev)
+
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):
+        stream = self.reducer.stream
+        if self.slots and self.plan(get_context(), hidden.shape[0]) is not None:
+            self._k, self._events = 0, {}  # this step's slot sequence starts at 0 (docstring: across steps)
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+        return super().run_layers(layers, positions, hidden)
 
     def _run_stage(self, fn, final_weight: int, layer, mb) -> None:
         """A stage that starts with an RMSNorm of a pending copy-engine reduction: the sum, the residual add
