@@ -104,9 +104,10 @@ for stage in $stages; do
                +strategy=blocking,overlap,none,symm_norm ;;
     trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
-             # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once)
+             # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once; STEP_ARGS
+             # adds overrides, e.g. "prefill_graphs=4 workload.warmup=2": graphs captured before the traced part)
              [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
-               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ;;
+               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ${STEP_ARGS:-} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;

@@ -34,6 +34,17 @@ def test_prefill_token_counts(tmp_path):
     assert s["prefill_steps"] == 2 and s["decode_steps"] == 0
 
 
+def test_prefill_warm_up_rounds_come_first(tmp_path):
+    """Every count's warm-up rounds run before the timed part (so a trace, or a prefill graph's capture on a
+    shape's second sighting, stays out of it); each count then has `repeats` timed steps."""
+    run_in_process(["workload=prefill", "workload.tokens=[8,24]", "workload.seq_len=16", "workload.warmup=2",
+                    "workload.repeats=3", *QUIET], tmp_path)
+    steps = pd.read_parquet(tmp_path / "steps.parquet")
+    prefill = steps[steps["phase"] == "prefill"].sort_values("step")
+    assert list(prefill["warmup"]) == [True] * 4 + [False] * 6
+    assert list(prefill["num_tokens"]) == [8, 8, 24, 24] + [8] * 3 + [24] * 3
+
+
 @pytest.mark.parametrize("strategy", ["blocking", "none"])
 def test_generate_prints_text_unless_invalid(tmp_path, capsys, strategy):
     s = run_in_process([f"+strategy={strategy}", "workload=generate", *TINY_WORKLOAD["generate"], *QUIET], tmp_path)

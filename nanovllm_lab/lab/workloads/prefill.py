@@ -1,6 +1,7 @@
 """`prefill`: prefill steps of given token counts. Each count T becomes ceil(T / seq_len) fresh random
 prompts (so the prefix cache never hits) with max_tokens=1: one prefill step of T tokens (several if T is
-above max_num_batched_tokens). `warmup` untimed rounds, then `repeats` timed ones per count.
+above max_num_batched_tokens). `warmup` untimed rounds per count (all counts' first), then `repeats` timed ones
+per count. With `prefill_graphs`, a count's second round is captured and later ones replay.
 """
 from __future__ import annotations
 
@@ -29,19 +30,27 @@ class PrefillWorkload(Workload):
         max_id = llm.config.arch.vocab_size - 1
         sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         bar = ctx.bar(len(p.tokens) * (p.warmup + p.repeats), f"prefill [{self.settings.strategy_name}]")
+
+        def rounds(total: int, k: int) -> None:
+            for _ in range(k):
+                left = total
+                while left > 0:
+                    n = min(left, p.seq_len)
+                    llm.add_request([rng.randint(0, max_id) for _ in range(n)], sp)
+                    left -= n
+                while not llm.is_finished():
+                    llm.step()
+                bar.update(1)
+
+        # Every size's warm-up rounds before the timed (and traced) part: compiles, autotuning and, with
+        # prefill_graphs, a shape's capture (its second sighting: warmup >= 2) stay out of the trace.
+        ctx.recorder.warmup = True
+        for total in p.tokens:
+            rounds(total, p.warmup)
+        ctx.recorder.warmup = False
         with ctx.timed():
             for total in p.tokens:
-                for r in range(p.warmup + p.repeats):
-                    ctx.recorder.warmup = r < p.warmup
-                    left = total
-                    while left > 0:
-                        n = min(left, p.seq_len)
-                        llm.add_request([rng.randint(0, max_id) for _ in range(n)], sp)
-                        left -= n
-                    while not llm.is_finished():
-                        llm.step()
-                    bar.update(1)
-            ctx.recorder.warmup = False
+                rounds(total, p.repeats)
         bar.close()
         rows = [r for r in ctx.recorder.rows if r["phase"] == "prefill" and not r["warmup"]]
         secs = sum(r["latency_ms"] for r in rows) / 1e3
