@@ -598,3 +598,26 @@ def test_step_sweep_plumbing():
     assert {(r["phase"], r["strategy"]) for r in rows} == {(p, s) for p in ("prefill", "decode")
                                                            for s in ("blocking", "none")}
     assert all(math.isfinite(r["t_ms"]) and math.isfinite(r["t_blocking_ms"]) for r in rows), rows
+
+
+def test_tokens_split_cuts_prompts_and_seq_tokens_does_not(reference, monkeypatch):
+    """The default split ("tokens") gives micro-batches equal token counts, so a prefill step of one prompt (the
+    130-token prompt's chunks) or of uneven prompts is cut inside a sequence: the later piece reads the earlier
+    piece's keys from the paged cache. Outputs stay blocking's. "seq_tokens" splits only at sequence bounds."""
+    from nanovllm_lab.utils.context import AttentionContext
+    cuts: list[tuple[int, int]] = []
+    original = AttentionContext.slice_tokens
+
+    def spy(self, t0, t1):
+        if self.is_prefill and t0 not in self.cu_seqlens_q_host:
+            cuts.append((t0, t1))
+        return original(self, t0, t1)
+
+    monkeypatch.setattr(AttentionContext, "slice_tokens", spy)
+    got = run_scenario({"name": "async", "min_tokens": 1})
+    assert cuts, "no micro-batch started inside a sequence"
+    assert_same(got, reference, "async, cut prompts")
+    cuts.clear()
+    got = run_scenario({"name": "async", "min_tokens": 1, "split": "seq_tokens"})
+    assert not cuts, cuts
+    assert_same(got, reference, "async, seq_tokens")

@@ -226,6 +226,56 @@ def test_prefill_with_cached_context(dtype, block_size, group, q_lens, k_lens):
     _check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "cached"])
+@pytest.mark.parametrize("bounds", [[0, 20, 58], [0, 3, 40, 58], [0, 5, 38, 58]],
+                         ids=["cut-seq1", "cut-seq0-and-seq2", "at-seq-bounds"])
+def test_prefill_micro_batches_that_cut_sequences(cached, bounds):
+    """AttentionContext.slice_tokens (micro-batches of a step, comm.async_overlap's "tokens" split): each piece
+    stores its K/V and attends, in order, through the Triton kernels; together they must give the whole step's
+    attention (torch backend). A piece that starts inside a sequence reads that sequence's earlier keys from the
+    paged cache (seq_tables) even when the step itself has no cached context; the cache is NaN elsewhere."""
+    g = _gen(7 + len(bounds) + cached)
+    hkv, d, group, bs = 2, 32, 2, 16
+    q_lens = [5, 33, 20]
+    k_lens = [5, 33, 40] if cached else q_lens  # with `cached`, the third sequence has 20 tokens cached
+    bt, nb = _paged_layout(k_lens, bs, g)
+    kc = torch.full((nb, bs, hkv, d), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    new_k, new_v, slots = [], [], []
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        ks, vs = _randn((kl, hkv, d), torch.float32, g), _randn((kl, hkv, d), torch.float32, g)
+        prefix = torch.tensor(_slots(bt[i], range(kl - ql), bs), dtype=torch.long)
+        kc.view(-1, hkv, d)[prefix] = ks[:kl - ql]
+        vc.view(-1, hkv, d)[prefix] = vs[:kl - ql]
+        new_k.append(ks[kl - ql:])
+        new_v.append(vs[kl - ql:])
+        slots += _slots(bt[i], range(kl - ql, kl), bs)
+    k, v, slots = torch.cat(new_k), torch.cat(new_v), torch.tensor(slots, dtype=torch.int32)
+    q = _randn((sum(q_lens), hkv * group, d), torch.float32, g)
+    whole = _prefill_ctx(q_lens, k_lens, bt if cached else None)
+    whole.slot_mapping, whole.seq_tables = slots, bt
+    scale = 1 / math.sqrt(d)
+    out = torch.full_like(q, float("nan"))
+    for t0, t1 in zip(bounds, bounds[1:]):
+        piece = whole.slice_tokens(t0, t1)
+        # the device boundaries (what the Triton kernel reads) agree with the host ones
+        assert piece.cu_seqlens_q.tolist() == piece.cu_seqlens_q_host
+        assert piece.cu_seqlens_k.tolist() == piece.cu_seqlens_k_host
+        assert piece.cu_seqlens_q_host[-1] == t1 - t0 and torch.equal(piece.slot_mapping, slots[t0:t1])
+        TRI.store_kv(k[t0:t1], v[t0:t1], kc, vc, piece.slot_mapping)
+        out[t0:t1] = TRI.prefill(q[t0:t1], k[t0:t1], v[t0:t1], kc, vc, piece, scale)
+    ref = REF.prefill(q, k, v, kc, vc, whole, scale)
+    _check(out, ref, torch.float32)
+
+
+def test_slice_tokens_needs_tables_to_start_inside_a_sequence():
+    ctx = _prefill_ctx([4, 4], [4, 4])
+    ctx.slot_mapping = torch.arange(8, dtype=torch.int32)
+    assert ctx.slice_tokens(4, 8).cu_seqlens_q_host == [0, 4]  # a sequence boundary: no tables needed
+    with pytest.raises(ValueError, match="start inside a sequence"):
+        ctx.slice_tokens(2, 8)
+
+
 # -- fused all-reduce + residual add + RMSNorm ------------------------------------------------------------
 def _fused_inputs(world: int, n: int, hidden: int, dtype, g, norm: bool):
     """One [n, hidden] partial sum per simulated rank, a residual, and an RMSNorm layer (None without norm)."""

@@ -1,9 +1,9 @@
 """`async`: micro-batches interleaved through the decoder stack, each one's reductions overlapping the
 next one's compute (NanoFlow / vLLM DBO / TokenWeave style, without fused kernels).
 
-The batch is split at sequence boundaries into `micro_batches` parts (prefill boundaries from
-`cu_seqlens_q_host`; a decode sequence is one token), each with its own sliced `AttentionContext` and its
-rows of positions/hidden. The stack runs stage by stage, micro-batch by micro-batch:
+The batch is split into `micro_batches` parts (SPLITS: by default equal token counts, a prompt cut where a bound
+falls inside it; a decode sequence is one token), each with its own sliced `AttentionContext` and its rows of
+positions/hidden. The stack runs stage by stage, micro-batch by micro-batch:
 
     stages="half":  L0.attn(mb0) L0.attn(mb1) L0.mlp(mb0) L0.mlp(mb1) L1.attn(mb0) ...
     stages="layer": L0(mb0) L0(mb1) L1(mb0) ...
@@ -35,7 +35,7 @@ from nanovllm_lab.utils.context import AttentionContext, get_context, set_contex
 class AsyncConfig(StrategyConfig):
     name: str = "async"
     micro_batches: int = 2
-    split: str = "tokens"       # "tokens": balance token counts; "seqs": balance sequence counts
+    split: str = "tokens"       # see SPLITS
     min_tokens: int = 128       # below this many tokens in the step: blocking (launch overhead dominates)
     comm_priority: int = -1     # CUDA priority of the communication stream (lower = higher priority)
     comm_max_ctas: int = 0      # >0: reductions on an NCCL communicator limited to this many CTAs (SMs)
@@ -52,9 +52,19 @@ def check_micro_batching(cfg: StrategyConfig, **more_int_minimums: int) -> None:
     comm_priority), plus integer fields with the given minimums."""
     for key, lo in (("micro_batches", 1), ("min_tokens", 0), *more_int_minimums.items()):
         check_int(cfg, key, lo=lo)
-    if cfg.split not in ("tokens", "seqs"):
-        raise ValueError(f"strategy {cfg.name!r}: split must be 'tokens' or 'seqs', got {cfg.split!r}")
+    if cfg.split not in SPLITS:
+        raise ValueError(f"strategy {cfg.name!r}: split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     check_int(cfg, "comm_priority")
+
+
+# How a step is split into micro-batches:
+SPLITS = {
+    # equal token counts; in prefill a bound may fall inside a sequence (AttentionContext.slice_tokens), so even
+    # one long prompt splits. Without the step's block tables (hand-built contexts) it acts as "seq_tokens".
+    "tokens": "equal token counts, cutting a prompt where needed",
+    "seq_tokens": "token counts as equal as sequence boundaries allow",
+    "seqs": "equal sequence counts",
+}
 
 
 def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:
@@ -62,6 +72,7 @@ def split_points(seq_tokens: list[int], parts: int, policy: str) -> list[int]:
     n = len(seq_tokens)
     if policy == "seqs":
         return [round(n * j / parts) for j in range(parts + 1)]
+    # "seq_tokens" (and "tokens" where no cut is possible): the sequence boundaries nearest equal token counts
     cum = [0]
     for t in seq_tokens:
         cum.append(cum[-1] + t)
@@ -79,18 +90,24 @@ class MicroBatchPlanning:
     configs have micro_batches, min_tokens and split. Put it before CommStrategy in the bases."""
 
     def plan(self, ctx: AttentionContext, num_tokens: int) -> list[int] | None:
-        """Sequence boundaries of the step's micro-batches, or None where the step runs whole (tp=1, one
-        sequence, fewer than `min_tokens` tokens): the blocking fallback."""
+        """Token boundaries [0, ..., num_tokens] of the step's micro-batches (for AttentionContext.slice_tokens),
+        or None where the step runs whole (tp=1, fewer than `min_tokens` tokens, one sequence that may not be
+        cut): the blocking fallback."""
         cfg = self.cfg
+        if self.world_size == 1 or num_tokens < max(cfg.min_tokens, 2):
+            return None
+        if ctx.is_prefill and cfg.split == "tokens" and ctx.seq_tables is not None:
+            parts = min(cfg.micro_batches, num_tokens)
+            return [round(num_tokens * j / parts) for j in range(parts + 1)]
         parts = min(cfg.micro_batches, ctx.num_seqs)
-        if self.world_size == 1 or parts < 2 or num_tokens < max(cfg.min_tokens, 2):
+        if parts < 2:
             return None
         if ctx.is_prefill:
             cq = ctx.cu_seqlens_q_host
             seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
         else:
             seq_tokens = [1] * ctx.num_seqs
-        return split_points(seq_tokens, parts, cfg.split)
+        return [ctx.token_range(0, b)[1] for b in split_points(seq_tokens, parts, cfg.split)]
 
     def applicable(self, ctx: AttentionContext, num_tokens: int) -> bool:
         return self.plan(ctx, num_tokens) is not None
@@ -192,10 +209,8 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
         bounds = self.plan(ctx, hidden.shape[0])
         if bounds is None:
             return super().run_layers(layers, positions, hidden)
-        mbs = []
-        for s, e in zip(bounds, bounds[1:]):
-            t0, t1 = ctx.token_range(s, e)
-            mbs.append(_MicroBatch(ctx.slice_seqs(s, e), positions[t0:t1], hidden[t0:t1]))
+        mbs = [_MicroBatch(ctx.slice_tokens(t0, t1), positions[t0:t1], hidden[t0:t1])
+               for t0, t1 in zip(bounds, bounds[1:])]
         self.reducer.fork()
         try:
             for layer in layers:

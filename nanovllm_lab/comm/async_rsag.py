@@ -34,7 +34,7 @@ from nanovllm_lab.utils.context import AttentionContext, get_context, set_contex
 class AsyncRsAgConfig(StrategyConfig):
     name: str = "async_rsag"
     micro_batches: int = 2
-    split: str = "tokens"     # "tokens": balance token counts; "seqs": balance sequence counts
+    split: str = "tokens"     # async_overlap.SPLITS
     min_tokens: int = 1024    # TokenWeave turns its overlap off below 1024 tokens
     comm_priority: int = -1   # CUDA priority of the communication stream (lower = higher priority)
 
@@ -103,9 +103,8 @@ class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
         if bounds is None or not has_layer_parts(*layers):
             return super().run_layers(layers, positions, hidden)
         mbs = []
-        for s, e in zip(bounds, bounds[1:]):
-            t0, t1 = ctx.token_range(s, e)
-            mb = _MicroBatch(ctx.slice_seqs(s, e), positions[t0:t1], t1 - t0)
+        for t0, t1 in zip(bounds, bounds[1:]):
+            mb = _MicroBatch(ctx.slice_tokens(t0, t1), positions[t0:t1], t1 - t0)
             mb.inp = layers[0].input_layernorm(hidden[t0:t1])  # the embedding is replicated: no collective
             mb.residual = token_shard(hidden[t0:t1], self.rank, self.world_size)
             mbs.append(mb)

@@ -31,6 +31,8 @@ class StepInput:
     cu_seqlens_k: list[int]
     context_lens: torch.Tensor | None   # decode: [S] int32
     block_tables: torch.Tensor | None   # [S, max_blocks] int32, -1 padded; None for prefill with no cached context
+    # prefill: every sequence's table, cached context or not (micro-batches that cut a sequence read its keys there)
+    seq_tables: torch.Tensor | None = None
 
     def __reduce__(self):
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -66,7 +68,7 @@ class StepInput:
                 max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
                 max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
                 slot_mapping=dev(self.slot_mapping), block_tables=dev(self.block_tables),
-                cu_seqlens_q_host=list(cq), cu_seqlens_k_host=list(ck))
+                seq_tables=dev(self.seq_tables), cu_seqlens_q_host=list(cq), cu_seqlens_k_host=list(ck))
         return AttentionContext(is_prefill=False, slot_mapping=dev(self.slot_mapping),
                                 context_lens=dev(self.context_lens), block_tables=dev(self.block_tables))
 
@@ -99,12 +101,13 @@ def prepare_prefill(seqs: list[Sequence], block_size: int) -> StepInput:
         cq.append(cq[-1] + end - start)
         ck.append(ck[-1] + end)
         has_context |= start > 0
+    tables = _block_tables(seqs)
     return StepInput(
         is_prefill=True, input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.tensor(pos, dtype=torch.int64), slot_mapping=torch.tensor(slots, dtype=torch.int32),
         temperatures=torch.tensor([s.temperature for s in seqs], dtype=torch.float32),
         cu_seqlens_q=cq, cu_seqlens_k=ck, context_lens=None,
-        block_tables=_block_tables(seqs) if has_context else None)
+        block_tables=tables if has_context else None, seq_tables=tables)
 
 
 def prepare_decode(seqs: list[Sequence], block_size: int) -> StepInput:

@@ -6,8 +6,8 @@ launches once per micro-batch (results/LOG.md, session 10). Such a step's latenc
 overlap efficiency says little about communication. Replaying a captured graph removes the launch work.
 
 How. A prefill step's kernels, grids and host-side splits are fixed by its shape: the query and key boundaries
-of its sequences (`cu_seqlens_q`, `cu_seqlens_k`) and whether it reads cached context (the block-table
-width). Those make the key. A step whose key was seen before is captured (the first sighting ran eagerly,
+of its sequences (`cu_seqlens_q`, `cu_seqlens_k`) and its block tables' widths (none where no context is
+cached). Those make the key. A step whose key was seen before is captured (the first sighting ran eagerly,
 which compiled and autotuned what the capture needs) and replayed from then on; up to `limit` keys keep a graph,
 later new keys run eagerly. Each graph has its own static inputs (ids, positions, slots, boundaries, block
 tables), refilled before each replay; all share one memory pool, as their replays never overlap on the stream.
@@ -34,14 +34,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ShapeKey = tuple[tuple[int, ...], tuple[int, ...], int]
+ShapeKey = tuple[tuple[int, ...], tuple[int, ...], int, int]
 _MAX_SEEN = 4096  # keys remembered as seen once; a serving run with endless new shapes must not grow without end
 
 
 def shape_key(step: StepInput) -> ShapeKey:
-    """What fixes a prefill step's kernels and splits: its boundaries and its block-table width (-1: none)."""
-    width = -1 if step.block_tables is None else int(step.block_tables.shape[1])
-    return tuple(step.cu_seqlens_q), tuple(step.cu_seqlens_k), width
+    """What fixes a prefill step's kernels and splits: its boundaries and its block tables' widths (-1: none)."""
+    def width(t: torch.Tensor | None) -> int:
+        return -1 if t is None else int(t.shape[1])
+    return tuple(step.cu_seqlens_q), tuple(step.cu_seqlens_k), width(step.block_tables), width(step.seq_tables)
 
 
 class CapturePolicy:
@@ -75,13 +76,14 @@ class _Graph:
         self.pos = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.zeros(n, dtype=torch.int32, device=device)
         self.tables = None if step.block_tables is None else torch.zeros_like(step.block_tables, device=device)
+        self.seq_tables = None if step.seq_tables is None else torch.zeros_like(step.seq_tables, device=device)
         self.ctx = AttentionContext(
             is_prefill=True,
             cu_seqlens_q=torch.tensor(cq, dtype=torch.int32, device=device),
             cu_seqlens_k=torch.tensor(ck, dtype=torch.int32, device=device),
             max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
             max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
-            slot_mapping=self.slots, block_tables=self.tables,
+            slot_mapping=self.slots, block_tables=self.tables, seq_tables=self.seq_tables,
             cu_seqlens_q_host=list(cq), cu_seqlens_k_host=list(ck))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -91,8 +93,9 @@ class _Graph:
         self.ids.copy_(step.input_ids, non_blocking=True)
         self.pos.copy_(step.positions, non_blocking=True)
         self.slots.copy_(step.slot_mapping, non_blocking=True)
-        if self.tables is not None:
-            self.tables.copy_(step.block_tables, non_blocking=True)
+        for static, t in ((self.tables, step.block_tables), (self.seq_tables, step.seq_tables)):
+            if static is not None:
+                static.copy_(t, non_blocking=True)
         if carry is not None:
             carry.apply(self.ids)
 

@@ -6,6 +6,7 @@ A process-wide slot keeps layer signatures free of metadata, as in nano-vLLM.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,6 +32,9 @@ class AttentionContext:
     slot_mapping: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    # Prefill: every sequence's block table, cached context or not, so that a micro-batch that starts inside a
+    # sequence can read that sequence's earlier keys from the paged cache (slice_tokens). None: cannot cut.
+    seq_tables: torch.Tensor | None = None
     # Host copies of the prefill boundaries, so reference code can loop without device syncs.
     cu_seqlens_q_host: list[int] = field(default_factory=list)
     cu_seqlens_k_host: list[int] = field(default_factory=list)
@@ -57,6 +61,7 @@ class AttentionContext:
                 slot_mapping=self.slot_mapping[q0:q1],
                 context_lens=None if self.context_lens is None else self.context_lens[start:end],
                 block_tables=None if self.block_tables is None else self.block_tables[start:end],
+                seq_tables=None if self.seq_tables is None else self.seq_tables[start:end],
                 cu_seqlens_q_host=cq,
                 cu_seqlens_k_host=ck,
             )
@@ -72,6 +77,47 @@ class AttentionContext:
         if self.is_prefill:
             return self.cu_seqlens_q_host[start], self.cu_seqlens_q_host[end]
         return start, end
+
+    def slice_tokens(self, t0: int, t1: int) -> "AttentionContext":
+        """The context of token rows [t0, t1) alone (renumbered from 0), for micro-batching. In prefill a bound
+        may cut a sequence: the piece before the cut attends to its keys up to the cut (its own tokens: the
+        first piece of a fresh sequence needs no cache); the piece after it sees all the sequence's earlier keys,
+        which it reads from the paged cache through `seq_tables`, where the earlier piece's attention stored them
+        (the micro-batches' attention runs in order on one stream). Built with device ops, no host copy, so a
+        CUDA graph may capture it."""
+        if not self.is_prefill:
+            return self.slice_seqs(t0, t1)
+        cq, ck = self.cu_seqlens_q_host, self.cu_seqlens_k_host
+        s = bisect.bisect_right(cq, t0) - 1  # the sequence that holds token t0
+        e = bisect.bisect_left(cq, t1)       # one past the sequence that holds token t1 - 1
+        if cq[s] == t0 and cq[e] == t1:
+            return self.slice_seqs(s, e)
+        tables = self.block_tables
+        if t0 > cq[s] and tables is None:
+            if self.seq_tables is None:
+                raise ValueError(f"tokens [{t0}, {t1}) start inside a sequence, and the context has no seq_tables "
+                                 "to read its earlier keys from")
+            tables = self.seq_tables
+        after = cq[e] - t1  # tokens of the last sequence past t1: neither queries nor keys of this piece
+        q = [min(max(x, t0), t1) - t0 for x in cq[s:e + 1]]
+        k = [0]
+        for i in range(s, e):
+            k.append(k[-1] + ck[i + 1] - ck[i] - (after if i == e - 1 else 0))
+        dev_k = self.cu_seqlens_k[s + 1:e + 1] - self.cu_seqlens_k[s:e]
+        if after:
+            dev_k = torch.cat([dev_k[:-1], dev_k[-1:] - after])
+        return replace(
+            self,
+            cu_seqlens_q=self.cu_seqlens_q[s:e + 1].clamp(t0, t1) - t0,
+            cu_seqlens_k=torch.cat([torch.zeros_like(dev_k[:1]), dev_k.cumsum(0).to(dev_k.dtype)]),
+            max_seqlen_q=max(b - a for a, b in zip(q, q[1:])),
+            max_seqlen_k=max(b - a for a, b in zip(k, k[1:])),
+            slot_mapping=self.slot_mapping[t0:t1],
+            block_tables=None if tables is None else tables[s:e],
+            seq_tables=None if self.seq_tables is None else self.seq_tables[s:e],
+            cu_seqlens_q_host=q,
+            cu_seqlens_k_host=k,
+        )
 
 
 _CONTEXT = AttentionContext()
