@@ -90,6 +90,22 @@ def test_step_table_host_share():
     assert math.isclose(t.loc["blocking", "host_share"], 12.0 / 61.0)
 
 
+def test_step_table_keeps_graph_and_eager_steps_apart():
+    """A sweep of prefill_graphs=0,4: each strategy's graph-replayed and eager steps get their own row, and its
+    efficiency uses blocking and none of the same mode."""
+    rows = [dict(workload="prefill", model="m", tp=2, strategy=s, phase="prefill", num_tokens=2048,
+                 latency_ms=t, cuda_graph=g, warmup=False)
+            for s, eager, graph in (("blocking", 60.0, 32.0), ("none", 40.0, 27.0), ("async_ce", 50.0, 29.5))
+            for g, t in ((False, eager), (True, graph))]
+    t = step_table(pd.DataFrame(rows)).set_index(["strategy", "cuda_graph"])
+    assert t.loc[("async_ce", False), "t_ms"] == 50.0 and t.loc[("async_ce", True), "t_ms"] == 29.5
+    assert math.isclose(t.loc[("async_ce", False), "overlap_efficiency"], 0.5)  # (60 - 50) / (60 - 40)
+    assert math.isclose(t.loc[("async_ce", True), "overlap_efficiency"], 0.5)   # (32 - 29.5) / (32 - 27)
+    from nanovllm_lab.lab.console import step_frame
+    wide = step_frame(step_table(pd.DataFrame(rows)))
+    assert list(wide["graph"]) == [False, True] and list(wide["async_ce"]) == ["50.000 (0.50)", "29.500 (0.50)"]
+
+
 def test_overlap_table_from_step_latencies(tmp_path):
     """`report --write-table`'s path: decode step latencies -> an overlap table whose rule for each size picks
     the fastest strategy (with its parameters) and keeps blocking as the fallback."""

@@ -123,7 +123,7 @@ STEP_WORKLOADS = ("decode", "prefill")
 
 
 def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per (workload, model, tp, phase, tokens) of the decode/prefill workloads: each strategy's median step
+    """Per (workload, model, tp, phase, tokens, cuda_graph) of the decode/prefill workloads: each strategy's median step
     latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
     (T = the step's median latency); where the steps record it, the median host time to launch a step and its
     share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With
@@ -143,6 +143,8 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
                   for r, p in zip(summaries["run"], summaries["strategy_params"])}
     s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}")
     keys = ["workload", "model", "tp", "phase", "num_tokens"]
+    if "cuda_graph" in s:  # graph-replayed and eager steps are compared apart (prefill_graphs=0,4 in one sweep)
+        keys.append("cuda_graph")
     groups = s.groupby([*keys, "strategy", "params"])
     g = groups["latency_ms"]
     cols = {"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9), "steps": g.size()}

@@ -95,7 +95,7 @@ def _label(strategy: str, params_json: str) -> str:
 
 
 def step_frame(table: pd.DataFrame) -> pd.DataFrame:
-    """`compare.step_table` as one row per (workload, model, tp, size) and one column per strategy (with its
+    """`compare.step_table` as one row per (workload, model, tp, size, graph) and one column per strategy (with its
     non-default parameters): "median ms (overlap efficiency)", the per-size answer to how much of the
     communication a strategy hides."""
     if table.empty:
@@ -103,9 +103,10 @@ def step_frame(table: pd.DataFrame) -> pd.DataFrame:
     t = table.assign(label=[_label(s, p) for s, p in zip(table["strategy"], table["params"])])
     cell = t["t_ms"].map(lambda v: f"{v:.3f}") + t["overlap_efficiency"].map(
         lambda e: "" if e is None or (isinstance(e, float) and math.isnan(e)) else f" ({e:.2f})")
-    wide = t.assign(cell=cell).pivot_table(index=["workload", "model", "tp", "num_tokens"], columns="label",
-                                           values="cell", aggfunc="first")
-    return wide.reset_index().rename(columns={"num_tokens": "tokens"}).rename_axis(columns=None).fillna("-")
+    index = ["workload", "model", "tp", "num_tokens"] + (["cuda_graph"] if "cuda_graph" in t else [])
+    wide = t.assign(cell=cell).pivot_table(index=index, columns="label", values="cell", aggfunc="first")
+    return (wide.reset_index().rename(columns={"num_tokens": "tokens", "cuda_graph": "graph"})
+            .rename_axis(columns=None).fillna("-"))
 
 
 def print_step_summary(table: pd.DataFrame, title: str) -> None:
