@@ -164,6 +164,24 @@ def test_decode_padding_rows(pad_len):
 
 
 # --------------------------------------------------------------------------------------------------- prefill
+def _cache_with_context(q_lens, k_lens, block_size, hkv, d, dtype, g):
+    """A paged cache (random block layout) that holds each sequence's k_len - q_len earlier keys and NaN
+    everywhere else, and the new tokens' K/V and cache slots: (block_tables, k_cache, v_cache, k, v, slots)."""
+    bt, nb = _paged_layout(k_lens, block_size, g)
+    kc = torch.full((nb, block_size, hkv, d), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    new_k, new_v, slots = [], [], []
+    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        ks, vs = _randn((kl, hkv, d), dtype, g), _randn((kl, hkv, d), dtype, g)
+        prefix = torch.tensor(_slots(bt[i], range(kl - ql), block_size), dtype=torch.long)
+        kc.view(-1, hkv, d)[prefix] = ks[:kl - ql]
+        vc.view(-1, hkv, d)[prefix] = vs[:kl - ql]
+        new_k.append(ks[kl - ql:])
+        new_v.append(vs[kl - ql:])
+        slots += _slots(bt[i], range(kl - ql, kl), block_size)
+    return bt, kc, vc, torch.cat(new_k), torch.cat(new_v), torch.tensor(slots, dtype=torch.int32)
+
+
 def _prefill_ctx(q_lens, k_lens, bt=None) -> AttentionContext:
     cq = [0]
     ck = [0]
@@ -202,23 +220,10 @@ def test_prefill_with_cached_context(dtype, block_size, group, q_lens, k_lens):
     g = _gen(sum(k_lens) + block_size + group)
     hkv, d = 2, 32
     hq = hkv * group
-    bt, nb = _paged_layout(k_lens, block_size, g)
-    # The cache holds each sequence's earlier keys; everything else is poisoned.
-    kc = torch.full((nb, block_size, hkv, d), float("nan"), dtype=dtype)
-    vc = torch.full_like(kc, float("nan"))
-    new_k, new_v, slots = [], [], []
-    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
-        ks, vs = _randn((kl, hkv, d), dtype, g), _randn((kl, hkv, d), dtype, g)
-        prefix = torch.tensor(_slots(bt[i], range(kl - ql), block_size), dtype=torch.long)
-        kc.view(-1, hkv, d)[prefix] = ks[:kl - ql]
-        vc.view(-1, hkv, d)[prefix] = vs[:kl - ql]
-        new_k.append(ks[kl - ql:])
-        new_v.append(vs[kl - ql:])
-        slots += _slots(bt[i], range(kl - ql, kl), block_size)
-    k, v = torch.cat(new_k), torch.cat(new_v)
+    bt, kc, vc, k, v, slots = _cache_with_context(q_lens, k_lens, block_size, hkv, d, dtype, g)
     q = _randn((sum(q_lens), hq, d), dtype, g)
     # Chunked-prefill flow: store the new tokens first (Triton store kernel), then attend over the cache.
-    TRI.store_kv(k, v, kc, vc, torch.tensor(slots, dtype=torch.int32))
+    TRI.store_kv(k, v, kc, vc, slots)
     ctx = _prefill_ctx(q_lens, k_lens, bt)
     scale = 1 / math.sqrt(d)
     out = TRI.prefill(q, k, v, kc, vc, ctx, scale)
@@ -238,19 +243,7 @@ def test_prefill_micro_batches_that_cut_sequences(cached, bounds):
     hkv, d, group, bs = 2, 32, 2, 16
     q_lens = [5, 33, 20]
     k_lens = [5, 33, 40] if cached else q_lens  # with `cached`, the third sequence has 20 tokens cached
-    bt, nb = _paged_layout(k_lens, bs, g)
-    kc = torch.full((nb, bs, hkv, d), float("nan"))
-    vc = torch.full_like(kc, float("nan"))
-    new_k, new_v, slots = [], [], []
-    for i, (ql, kl) in enumerate(zip(q_lens, k_lens)):
-        ks, vs = _randn((kl, hkv, d), torch.float32, g), _randn((kl, hkv, d), torch.float32, g)
-        prefix = torch.tensor(_slots(bt[i], range(kl - ql), bs), dtype=torch.long)
-        kc.view(-1, hkv, d)[prefix] = ks[:kl - ql]
-        vc.view(-1, hkv, d)[prefix] = vs[:kl - ql]
-        new_k.append(ks[kl - ql:])
-        new_v.append(vs[kl - ql:])
-        slots += _slots(bt[i], range(kl - ql, kl), bs)
-    k, v, slots = torch.cat(new_k), torch.cat(new_v), torch.tensor(slots, dtype=torch.int32)
+    bt, kc, vc, k, v, slots = _cache_with_context(q_lens, k_lens, bs, hkv, d, torch.float32, g)
     q = _randn((sum(q_lens), hkv * group, d), torch.float32, g)
     whole = _prefill_ctx(q_lens, k_lens, bt if cached else None)
     whole.slot_mapping, whole.seq_tables = slots, bt
