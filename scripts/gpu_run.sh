@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
-#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill]
+#   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill] [prefill_graph]
 #                                                         [symm_large] [two_shot] [ce] [lamport_pps] [prefetch] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
@@ -69,6 +69,10 @@ for stage in $stages; do
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
              [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP +strategy=$STEP_STRATEGIES ${STEP_ARGS:-} ;;
+    prefill_graph)  # prefill steps replayed from CUDA graphs (GPU-paced: eager steps below 16384 tokens are
+             # host-paced, LOG session 10), each shape captured in its second warm-up round
+             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 workload.warmup=2 \
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,symm_norm,async_rsag} ${STEP_ARGS:-} ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
