@@ -535,6 +535,37 @@ def test_split_points_balance_tokens_or_sequences():
             assert b[0] == 0 and b[-1] == n and all(x < y for x, y in zip(b, b[1:])) and len(b) == parts + 1
 
 
+def test_micro_batch_plans_in_tokens():
+    """plan(): token bounds per split policy. "tokens" cuts a prompt when the step carries its block tables
+    (seq_tables), else it keeps to prompt boundaries like "seq_tokens"; one part is no split (blocking)."""
+    from nanovllm_lab.comm.async_overlap import AsyncConfig, AsyncOverlapStrategy
+    from nanovllm_lab.distributed.parallel import ParallelInfo
+    from nanovllm_lab.utils.context import AttentionContext
+
+    def ctx(lens, tables=True):
+        cq = [0]
+        for x in lens:
+            cq.append(cq[-1] + x)
+        return AttentionContext(is_prefill=True, cu_seqlens_q_host=cq, cu_seqlens_k_host=cq,
+                                seq_tables=torch.zeros(len(lens), 1, dtype=torch.int32) if tables else None)
+
+    def plan(c, **cfg):
+        s = AsyncOverlapStrategy(AsyncConfig(min_tokens=1, **cfg), ParallelInfo(0, 2, "cpu"))
+        return s.plan(c, c.cu_seqlens_q_host[-1])
+
+    assert plan(ctx([2048])) == [0, 1024, 2048]                    # one prompt, cut in half
+    assert plan(ctx([2048]), split="seq_tokens") is None            # one prompt, not cut: unsplit
+    assert plan(ctx([2048], tables=False)) is None                  # no tables: cannot cut
+    assert plan(ctx([100, 10, 10])) == [0, 60, 120]
+    assert plan(ctx([100, 10, 10]), split="seq_tokens") == [0, 100, 120]
+    assert plan(ctx([100, 10, 10]), split="seqs") == [0, 110, 120]         # 2 prompts + 1
+    assert plan(ctx([7]), micro_batches=3) == [0, 2, 5, 7]
+    assert plan(ctx([2048]), micro_batches=1) is None
+    decode = AttentionContext(is_prefill=False, context_lens=torch.ones(5, dtype=torch.int32))
+    s = AsyncOverlapStrategy(AsyncConfig(min_tokens=1), ParallelInfo(0, 2, "cpu"))
+    assert s.plan(decode, 5) == [0, 2, 5]
+
+
 def test_chunk_bounds():
     assert chunk_bounds(1, 3, 1) == [0, 1]
     assert chunk_bounds(2, 3, 1) == [0, 1, 2]

@@ -96,12 +96,12 @@ class MicroBatchPlanning:
         cfg = self.cfg
         if self.world_size == 1 or num_tokens < max(cfg.min_tokens, 2):
             return None
-        if ctx.is_prefill and cfg.split == "tokens" and ctx.seq_tables is not None:
-            parts = min(cfg.micro_batches, num_tokens)
-            return [round(num_tokens * j / parts) for j in range(parts + 1)]
-        parts = min(cfg.micro_batches, ctx.num_seqs)
+        cut = ctx.is_prefill and cfg.split == "tokens" and ctx.seq_tables is not None
+        parts = min(cfg.micro_batches, num_tokens if cut else ctx.num_seqs)
         if parts < 2:
             return None
+        if cut:
+            return [round(num_tokens * j / parts) for j in range(parts + 1)]
         if ctx.is_prefill:
             cq = ctx.cu_seqlens_q_host
             seq_tokens = [b - a for a, b in zip(cq, cq[1:])]
