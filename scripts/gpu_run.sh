@@ -72,7 +72,7 @@ for stage in $stages; do
     prefill_graph)  # prefill steps replayed from CUDA graphs (GPU-paced: eager steps below 16384 tokens are
              # host-paced, LOG session 10), each shape captured in its second warm-up round
              [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 workload.warmup=2 \
-               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,symm_norm,async_rsag} ${STEP_ARGS:-} ;;
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,async_rsag_ce,symm_norm,async_rsag} ${STEP_ARGS:-} ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs

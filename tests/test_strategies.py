@@ -137,6 +137,10 @@ STRATEGIES = {
     # the copy-engine transport's slot logic, its peers' rows fetched by an all-gather on gloo
     "async_ce": {"name": "async_ce", "emulate": True, "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "emulate": True, "micro_batches": 3, "stages": "layer", "min_tokens": 1},
+    # async_rsag's shards through the slots: the peers' shard rows and normed shards by all-gathers on gloo
+    "async_rsag_ce": {"name": "async_rsag_ce", "emulate": True, "min_tokens": 1},
+    "async_rsag_ce-3-seqs": {"name": "async_rsag_ce", "emulate": True, "micro_batches": 3, "split": "seqs",
+                             "min_tokens": 1},
     # GEMM-fused gather / scatter, each half unfused on gloo: odd token counts pad the scatters, one-token decode too
     "async_tp": {"name": "async_tp", "emulate": True, "min_tokens": 1},
     "async_tp-fallback": {"name": "async_tp", "emulate": True, "min_tokens": 8},  # decode steps: the blocking loop
@@ -167,6 +171,10 @@ def sharded(got: dict, ref: dict) -> bool:  # reduce-scatter + all-gather in pla
 def through_slots(got: dict, ref: dict) -> bool:  # async_ce emulated: all-gathers of the slots replace all-reduces
     return (got.get("all_gather_into_tensor", 0) > ref.get("all_gather_into_tensor", 0)
             and got.get("all_reduce", 0) < ref.get("all_reduce", 0))
+
+
+def shards_through_slots(got: dict, ref: dict) -> bool:  # async_rsag_ce emulated: shard reductions via the slots
+    return got.get("copies", 0) > 0 and got.get("all_reduce", 0) < ref.get("all_reduce", 0)
 
 
 def fused_gemms(got: dict, ref: dict) -> bool:  # async_tp: GEMMs through the fused operators' reference code
@@ -236,7 +244,8 @@ def test_async_ce_sums_inside_the_norm():
 OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
             "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
             "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded,
-            "async_ce": through_slots, "async_ce-3-layer": through_slots, "async_tp": fused_gemms, "async_tp-fallback": fused_gemms}
+            "async_ce": through_slots, "async_ce-3-layer": through_slots,
+            "async_rsag_ce": shards_through_slots, "async_rsag_ce-3-seqs": shards_through_slots, "async_tp": fused_gemms, "async_tp-fallback": fused_gemms}
 
 
 def test_reference_issues_all_reduces(reference):
@@ -253,7 +262,7 @@ def test_strategy_matches_blocking(key, reference):
         f"{reference['collectives']}")
 
 
-@pytest.mark.parametrize("key", ["blocking", "async", "chunked-3", "rsag", "async_rsag"])
+@pytest.mark.parametrize("key", ["blocking", "async", "chunked-3", "rsag", "async_rsag", "async_rsag_ce"])
 def test_tp4_matches_tp2_blocking(key, reference, monkeypatch):
     """Four ranks (the tiny arch's 4 KV heads: one per rank; 2 query heads each): shards of a quarter, rsag's
     token shards padded four ways. Tokens as at tp=2; logits within float32 tolerance (sums in another order).
@@ -652,3 +661,71 @@ def test_tokens_split_cuts_prompts_and_seq_tokens_does_not(reference, monkeypatc
     got = run_scenario({"name": "async", "min_tokens": 1, "split": "seq_tokens"})
     assert not cuts, cuts
     assert_same(got, reference, "async, seq_tokens")
+
+
+def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
+    """async_rsag_ce's CUDA path (slots, shard rows, copies, barriers) run by two threads as two ranks over shared
+    tensors standing in for symmetric memory, the barrier a threading.Barrier and streams and events no-ops:
+    the gathered normed rows and each rank's residual shard must equal the reference (the sum of both partial
+    GEMMs, + residual, RMSNorm), at odd and even token counts and across slots. Stream ordering is the GPU
+    tests' part; this checks the indexing that only the device path runs."""
+    import dataclasses
+    import threading
+    import types
+
+    from nanovllm_lab.comm.async_rsag import _MicroBatch
+    from nanovllm_lab.comm.async_rsag_ce import AsyncRsAgCeConfig, AsyncRsAgCeStrategy
+    from nanovllm_lab.comm.seqpar import token_shard
+    from nanovllm_lab.distributed.parallel import ParallelInfo
+    from nanovllm_lab.layers.layernorm import RMSNorm
+
+    class Nothing:  # stream / event stand-in
+        def __getattr__(self, _):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Nothing())
+    monkeypatch.setattr(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Nothing)
+    hidden, world, sizes = 8, 2, [7, 4, 10, 1, 7, 3, 9]  # more reductions than the 5 slots
+    barrier = threading.Barrier(world, timeout=30)
+    handle = types.SimpleNamespace(barrier=lambda **kw: barrier.wait())
+    shared_p = [torch.full((5, 10, hidden), float("nan")) for _ in range(world)]  # padded rows must not leak
+    shared_g = [torch.full((5, 10, hidden), float("nan")) for _ in range(world)]
+    g = torch.Generator().manual_seed(0)
+    xs = [[torch.randn(n, 6, generator=g) for _ in range(world)] for n in sizes]
+    w = [torch.randn(hidden, 6, generator=g) for _ in range(world)]
+    resid = [torch.randn(n, hidden, generator=g) for n in sizes]
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = torch.rand(hidden, generator=g) + 0.5
+    got: dict = {}
+
+    def rank_main(r: int) -> None:
+        cfg = AsyncRsAgCeConfig(emulate=True, min_tokens=1)
+        s = AsyncRsAgCeStrategy(cfg, ParallelInfo(r, world, "cpu"))
+        s.cfg = dataclasses.replace(cfg, emulate=False)  # the device path, over the shared stand-ins
+        s.stream, s.handle, s.partials, s.gathers = Nothing(), handle, shared_p, shared_g
+        s.scratch = torch.full((5, world - 1, 5, hidden), float("nan"))
+        s._unreduced = True
+        for j, n in enumerate(sizes):
+            mb = _MicroBatch(None, None, n)
+            mb.residual = token_shard(resid[j], r, world)
+            partial = s.row_parallel(xs[j][r], w[r], None)
+            assert s._reduce(mb, partial, norm) is None
+            got[r, j] = (mb.inp.clone(), mb.residual.clone())
+        got[r, "copies"] = s.copies
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got.get((0, "copies")) == len(sizes) == got.get((1, "copies")), got.keys()
+    for j, n in enumerate(sizes):
+        total = sum(xs[j][r] @ w[r].t() for r in range(world))
+        want_h, want_res = norm(total, resid[j].clone())
+        for r in range(world):
+            h, res = got[r, j]
+            rows = res.shape[0]
+            valid = max(0, min(n - r * rows, rows))  # the shard's real rows (the rest pads)
+            torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5, msg=lambda m: f"rank {r}, n={n}: {m}")
+            torch.testing.assert_close(res[:valid], want_res[r * rows:r * rows + valid], atol=1e-5, rtol=1e-5)

@@ -57,6 +57,9 @@ STRATEGIES = {
     # copy-engine reductions (captured in decode graphs too), 2 and 3 micro-batches
     "async_ce": {"name": "async_ce", "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "micro_batches": 3, "stages": "layer", "min_tokens": 1},
+    # async_rsag's shards moved by copy engine: 2 and 3 micro-batches (odd shards pad)
+    "async_rsag_ce": {"name": "async_rsag_ce", "min_tokens": 1},
+    "async_rsag_ce-3": {"name": "async_rsag_ce", "micro_batches": 3, "min_tokens": 1},
     # each reduction fused with its GEMM (torch's async-TP operators); every prefill and eager decode step fused
     "async_tp": {"name": "async_tp", "min_tokens": 1},
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine
@@ -176,6 +179,8 @@ def test_float32_matches_blocking(key, eager):
         assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
         assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
+    if key.startswith("async_rsag_ce"):  # shards through the slots (eager steps and captured decode steps)
+        assert got["copies"] > 0, got["copies"]
     if key == "async_tp":  # the fused operators ran (prefill steps; decode too when eager, not under capture)
         assert got["fused_gemms"] > 0, got["fused_gemms"]
     if key.startswith("lamport_norm"):  # its own kernel ran, and no wait timed out
@@ -183,7 +188,7 @@ def test_float32_matches_blocking(key, eager):
     assert_same(got, ref, key)
 
 
-@pytest.mark.parametrize("key", ["blocking", "async_ce", "symm_norm", "lamport_norm", "async"])
+@pytest.mark.parametrize("key", ["blocking", "async_ce", "symm_norm", "lamport_norm", "async", "async_rsag_ce"])
 def test_prefill_graphs_match_eager_blocking(key):
     """Prefill replayed from CUDA graphs (Config.prefill_graphs) against blocking's eager prefill: fresh and
     prefix-cached shapes, each captured on its second round and replayed on its third with other tokens."""
@@ -194,11 +199,13 @@ def test_prefill_graphs_match_eager_blocking(key):
     assert got["prefill_graph_steps"] == 4, got["prefill_graph_steps"]
     if key == "async_ce":  # its copy-engine path was captured, not the NCCL fallback
         assert got["copies"] > 0 and got["fused"] > 0, (got["copies"], got["fused"])
+    if key == "async_rsag_ce":
+        assert got["copies"] > 0, got["copies"]
     assert_same(got, ref, key)
 
 
 @pytest.mark.parametrize("key", ["async", "chunked-3", "symm", "overlap", "symm_norm", "symm_norm-two-shot",
-                                 "async_ce", "lamport_norm", "async_tp"])
+                                 "async_ce", "lamport_norm", "async_tp", "async_rsag_ce"])
 def test_bf16_cudagraph_close_to_blocking(key):
     ref, got = reference("bfloat16", "graph"), run_scenario(STRATEGIES[key], "bfloat16", "graph")
     assert got["tokens"][0][0] == ref["tokens"][0][0]

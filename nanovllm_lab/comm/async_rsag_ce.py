@@ -1,0 +1,184 @@
+"""`async_rsag_ce`: async_rsag's schedule (micro-batches; each reduction a reduce-scatter, the residual add and
+the next RMSNorm on this rank's token shard, an all-gather, all on the communication stream) with async_ce's
+transport: the copy engines move the rows out of symmetric memory, so no NCCL kernel takes SMs beside the other
+micro-batch's GEMMs, and the norm runs on 1/tp of the rows, off the compute stream.
+
+Why. In traces of 16384-token prefill steps (2 x H200, qwen3-8b tp=2, results/LOG.md, session 11) async_ce's
+compute stream ran 2.9 ms more norm work than none_mb's (its fused kernel reads two partial sums) and lost 5 ms
+of GEMM time beside its copies; async_rsag (NCCL) leaves the norms off the compute stream but its NCCL kernels
+take SMs. This moves the same bytes as async_ce (n/tp rows in, n/tp rows out per peer) with half the norm rows.
+Status: CPU-verified (emulate, gloo); not yet run on a GPU.
+
+Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil(n / tp):
+- compute stream: the row-parallel GEMM writes its partial sum into slot k % S of r's symmetric buffer P;
+- communication stream: a barrier (every rank's P slot written); one copy per peer of the peer's P rows of r's
+  shard into scratch; symm_norm's fused kernel sums them with r's own rows in rank order (float32), adds the
+  residual shard and normalises; the normed shard goes into r's rows of slot k % S of the symmetric gather
+  buffer G; a barrier (every shard written); one copy per peer of the peer's rows of G; event E_k. The
+  micro-batch's next half waits for E_k and reads G's slot.
+- the stack's last reduction (no norm after it) takes async_rsag's NCCL path.
+Buffer reuse (S = 2 micro_batches + 1 slots):
+- P slot: peers copy from it before their second barrier of reduction k, so GEMM k + S waits for E_k.
+- G slot: r's compute stream reads it before partial k + S is produced (fewer than S reductions lie between a
+  reduction and its consumer), and peers copy r's rows of it before their first barrier of k + 1.
+- scratch: written and read on the communication stream only.
+- across steps: as async_ce, each step numbers its reductions from 0 after a barrier that opens it.
+Where it does not apply (steps above the buffer, other dtypes) reductions take async_rsag's NCCL path.
+`emulate=True` runs the slot and shard logic on gloo (the peers' rows by all-gathers) for the CPU tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanovllm_lab.comm.async_rsag import AsyncRsAgConfig, AsyncRsAgStrategy
+from nanovllm_lab.comm.base import check_bool, register_strategy
+from nanovllm_lab.comm.seqpar import all_gather_rows, shard_rows
+from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
+                                   require_peer_access)
+from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
+from nanovllm_lab.utils.context import get_context
+
+_BARRIER_TIMEOUT_MS = 300_000
+
+
+@dataclass(frozen=True)
+class AsyncRsAgCeConfig(AsyncRsAgConfig):
+    name: str = "async_rsag_ce"
+    emulate: bool = False  # tp>1 without peer access (gloo, CPU tests): the peers' rows by all-gathers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool(self, "emulate")
+
+
+@register_strategy("async_rsag_ce", AsyncRsAgCeConfig)
+class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
+    def __init__(self, cfg: AsyncRsAgCeConfig, info) -> None:
+        if not cfg.emulate:
+            require_peer_access(info, "async_rsag_ce")
+        super().__init__(cfg, info)
+        self.partials: list[torch.Tensor] = []  # every rank's P: [S, capacity, hidden] (emulate: own one only)
+        self.gathers: list[torch.Tensor] = []   # every rank's G, the same shape (cuda only)
+        self.scratch: torch.Tensor | None = None  # [S, tp - 1, rows, hidden]: the peers' rows of this shard
+        self.handle = None
+        self.group_name = ""
+        self._k = 0              # this step's reductions through the slots so far
+        self._slot_k: int | None = None  # the slot the last row-parallel GEMM wrote (None: a plain tensor)
+        self._events: dict[int, Any] = {}
+        self.copies = 0          # reductions through the slots, all steps (as issued; tests, logs)
+        self._fused_norm = None
+        if self.device.type == "cuda":
+            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
+            self._fused_norm = sum_add_norm
+
+    @property
+    def num_slots(self) -> int:
+        return 2 * self.cfg.micro_batches + 1
+
+    def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
+        if self.world_size == 1 or dtype not in _SUPPORTED_DTYPES:
+            return
+        world, rows = self.world_size, shard_rows(max_tokens, self.world_size)
+        shape = (self.num_slots, rows * world, hidden_size)
+        if self.cfg.emulate:
+            self.partials = [torch.zeros(shape, dtype=dtype, device=self.device)]
+            return
+        self.group_name = dist.group.WORLD.group_name
+        numel = 2 * shape[0] * shape[1] * shape[2]
+        own, self.handle = rendezvous_buffer(numel, dtype, self.device)
+        # Padded rows of a shard are read (and dropped): zeros, never uninitialised bits. A peer's first read
+        # follows the opening barrier of its first step, which this rank's stream reaches after the zeroing.
+        own.zero_()
+        both = [self.handle.get_buffer(r, (2, *shape), dtype) for r in range(world)]
+        self.partials, self.gathers = [b[0] for b in both], [b[1] for b in both]
+        self.scratch = torch.zeros((self.num_slots, world - 1, rows, hidden_size), dtype=dtype, device=self.device)
+
+    def _fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        if not self.partials or x.dim() != 2 or x.dtype != self.partials[0].dtype:
+            return False
+        _, capacity, hidden = self.partials[0].shape
+        return weight.shape[0] == hidden and shard_rows(x.shape[0], self.world_size) * self.world_size <= capacity
+
+    # -- the GEMM into a slot, and its reduction -------------------------------------------------------
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        self._slot_k = None
+        if not (self._unreduced and self._fits(x, weight)):
+            return super().row_parallel(x, weight, bias)
+        k = self._k
+        if self.stream is not None:  # peers have copied this slot's last use (docstring: buffer reuse)
+            guard = self._events.pop(k - self.num_slots, None)
+            if guard is not None:
+                torch.cuda.current_stream(self.device).wait_event(guard)
+        mine = self.partials[0 if self.cfg.emulate else self.rank]
+        self._k, self._slot_k = k + 1, k
+        return linear_into(mine[k % self.num_slots, :x.shape[0]], x, weight, bias)
+
+    def _reduce(self, mb, partial: torch.Tensor, norm) -> torch.Tensor | None:
+        k, self._slot_k = self._slot_k, None
+        if k is None or norm is None:  # a plain tensor, or the stack's last reduction: async_rsag's NCCL path
+            res = super()._reduce(mb, partial, norm)
+            if k is not None and mb.ready is not None:
+                self._events[k] = mb.ready  # the slot is free once that path has read it
+            return res
+        self.copies += 1
+        world, r, s = self.world_size, self.rank, k % self.num_slots
+        rows = shard_rows(mb.n, world)
+        lo, hi = r * rows, (r + 1) * rows
+        if self.stream is None:  # emulate: every rank's slot rows by an all-gather
+            mine = self.partials[0][s, :rows * world]
+            full = mine.new_empty(world * mine.shape[0], mine.shape[1])
+            dist.all_gather_into_tensor(full, mine)
+            full = full.view(world, *mine.shape)
+            shard, mb.residual = self._sum_add_norm([full[q, lo:hi] for q in range(world)], mb.residual, norm)
+            mb.inp = all_gather_rows(shard, mb.n, world)
+            return None
+        stream = self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            parts, i = [], 0
+            for q in range(world):
+                if q == r:
+                    parts.append(self.partials[r][s, lo:hi])
+                else:  # the copy engine reads the peer's rows of this shard over NVLink
+                    parts.append(self.scratch[s, i, :rows].copy_(self.partials[q][s, lo:hi]))
+                    i += 1
+            shard, mb.residual = self._sum_add_norm(parts, mb.residual, norm)
+            self.gathers[r][s, lo:hi].copy_(shard)
+            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            for q in range(world):
+                if q != r:
+                    self.gathers[r][s, q * rows:(q + 1) * rows].copy_(self.gathers[q][s, q * rows:(q + 1) * rows])
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self._events[k] = mb.ready = ev
+        mb.keep = None
+        mb.inp = self.gathers[r][s, :mb.n]
+        return None
+
+    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor, norm):
+        """symm_norm's fused kernel on cuda (float32 sum in rank order, + residual, RMSNorm), its reference
+        elsewhere."""
+        if self._fused_norm is None:
+            return sum_add_norm_reference(parts, residual, norm)
+        return self._fused_norm(parts, residual, norm.weight, norm.eps)
+
+    # -- the stack -----------------------------------------------------------------------------------------
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):
+        if self.partials and self.plan(get_context(), hidden.shape[0]) is not None:
+            self._k, self._events = 0, {}  # this step's slot sequence starts at 0 (docstring: across steps)
+            if self.stream is not None:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return super().run_layers(layers, positions, hidden)
+
+    def close(self) -> None:
+        self.partials, self.gathers, self.scratch, self.handle, self._events = [], [], None, None, {}
+        forget_group(self.group_name)
+        super().close()
