@@ -28,7 +28,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    prefill_graphs: int = 0  # cuda: CUDA graphs kept for this many repeated prefill step shapes (engine/prefill_graphs.py)
+    prefill_graphs: int = 0  # cuda graphs of up to N repeated prefill shapes (engine/prefill_graphs.py)
     torch_compile: bool | None = None  # fuse RMSNorm/RoPE/SiLU-mul/sampler (utils/compile.py); None: on for cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (engine/overlap.py)
     kvcache_block_size: int = 256

@@ -128,6 +128,10 @@ class PrefillGraphs:
             with torch.cuda.graph(g.graph, self.pool):
                 g.out = self.runner.model(g.ids, g.pos)
             self.pool = g.graph.pool()
+        except torch.OutOfMemoryError as e:  # the graph's memory comes on top of the KV cache's budget
+            raise RuntimeError(
+                f"capturing a prefill CUDA graph of {step.num_tokens} tokens ran out of device memory; lower "
+                f"prefill_graphs (now {self.policy.limit}; 0: eager prefill) or gpu_memory_utilization") from e
         finally:
             reset_context()
         log.info("captured a prefill CUDA graph: %d tokens in %d sequences (%d of %d)", step.num_tokens,
