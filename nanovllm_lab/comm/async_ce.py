@@ -24,11 +24,9 @@ Buffer reuse:
   once every peer has finished everything before its own barrier j on its communication stream, i.e. its
   copies for reductions < j. So before GEMM k overwrites its slot (last used by reduction k - S), the compute
   stream waits for E_{k-S+1}.
-- across steps: each step numbers its reductions from 0, after a barrier that opens it on the communication
-  stream (forked from the compute stream) and that the compute stream waits for. A peer reaches that barrier
-  only after all it queued before the step, its copies out of r's slots included, so every slot is free. The
-  first S - 1 GEMMs of a step need no guard, and a step's slot sequence depends on nothing before it: a CUDA
-  graph can capture it (`Config.prefill_graphs`, decode graphs), at the cost of one barrier per step.
+- across steps: each step numbers its reductions from 0 behind an opening barrier (comm/ce_slots.py), so the
+  first S - 1 GEMMs of a step need no guard and a CUDA graph can capture the step (`Config.prefill_graphs`,
+  decode graphs), at the cost of one barrier per step.
 - r's own slot and scratch slot k % S are read on the compute stream by reduction k's consumer. The GEMM that
   reuses them (k + S) and the copy into the scratch slot (which waits for the compute stream up to that GEMM)
   are enqueued after that consumer as long as fewer than S reductions are issued between a reduction and its
@@ -48,12 +46,9 @@ import torch.distributed as dist
 
 from nanovllm_lab.comm.async_overlap import AsyncConfig, AsyncOverlapStrategy, _attn_half, _mlp_half
 from nanovllm_lab.comm.base import PendingReduction, check_bool, register_strategy
-from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
-from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
-                                   require_peer_access)
+from nanovllm_lab.comm.ce_slots import CopyEngineSlots
+from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, linear_into, rendezvous_buffer, require_peer_access
 from nanovllm_lab.utils.context import get_context
-
-_BARRIER_TIMEOUT_MS = 300_000  # a dead peer traps the barrier kernel (a named error), not a silent spin
 
 
 class CePending(PendingReduction):
@@ -101,27 +96,15 @@ _FUSABLE = {_attn_half: (lambda layer: layer.input_layernorm, _attn_body),
 
 
 @register_strategy("async_ce", AsyncCeConfig)
-class AsyncCeStrategy(AsyncOverlapStrategy):
+class AsyncCeStrategy(CopyEngineSlots, AsyncOverlapStrategy):
     def __init__(self, cfg: AsyncCeConfig, info) -> None:
         if not cfg.emulate:
             require_peer_access(info, "async_ce")
         super().__init__(cfg, info)
         self.slots: list[torch.Tensor] = []   # every rank's [S, capacity, hidden] buffer (emulate: own one only)
         self.scratch: torch.Tensor | None = None  # [S, world - 1, capacity, hidden]: the peers' rows, copied in
-        self.handle = None
-        self.group_name = ""
-        self._k = 0                             # this step's reductions through the slots so far: k
-        self.copies = 0                         # all steps' (as issued, not replayed; tests, logs)
-        self._events: dict[int, Any] = {}      # E_k of the last S reductions (CUDA)
         self.fused = 0                          # consumers that summed inside their RMSNorm (tests, logs)
-        self._fused_norm = None
-        if self.device.type == "cuda":
-            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
-            self._fused_norm = sum_add_norm
-
-    @property
-    def num_slots(self) -> int:
-        return 2 * self.cfg.micro_batches + 1
+        self.init_slots()
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         if self.world_size == 1 or dtype not in _SUPPORTED_DTYPES:
@@ -147,10 +130,7 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
             return super()._issue(x, weight, bias)
         n, k, s = x.shape[0], self._k, self._k % self.num_slots
         stream = self.reducer.stream
-        if stream is not None:  # every peer has finished copying this slot's last use (see the docstring)
-            guard = self._events.pop(k - self.num_slots + 1, None)
-            if guard is not None:
-                torch.cuda.current_stream(self.device).wait_event(guard)
+        self.wait_slot_free(stream, k - self.num_slots + 1)  # every peer has copied this slot's last use
         own = linear_into(self.slots[0 if self.cfg.emulate else self.rank][s, :n], x, weight, bias)
         self._k += 1
         self.copies += 1
@@ -161,7 +141,7 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
         parts, i = [], 0
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            self.barrier()
             for r in range(self.world_size):
                 if r == self.rank:
                     parts.append(own)
@@ -174,14 +154,8 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
         return CePending(parts, self._sum_of, event=ev)
 
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):
-        stream = self.reducer.stream
         if self.slots and self.plan(get_context(), hidden.shape[0]) is not None:
-            self._k, self._events = 0, {}  # this step's slot sequence starts at 0 (docstring: across steps)
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.open_step(self.reducer.stream)
         return super().run_layers(layers, positions, hidden)
 
     def _run_stage(self, fn, final_weight: int, layer, mb) -> None:
@@ -196,19 +170,10 @@ class AsyncCeStrategy(AsyncOverlapStrategy):
             fn = body
         super()._run_stage(fn, final_weight, layer, mb)
 
-    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor | None,
-                      norm) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """symm_norm's fused sum + add + RMSNorm kernel on cuda, its PyTorch reference elsewhere (norm=None: the
-        float32 sum over the ranks in rank order, rounded, alone)."""
-        if self._fused_norm is None:
-            return sum_add_norm_reference(parts, residual, norm)
-        weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-        return self._fused_norm(parts, residual, weight, eps)
-
     def _sum_of(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return self._sum_add_norm(parts, None, None)[0]
 
     def close(self) -> None:
-        self.slots, self.scratch, self.handle, self._events = [], None, None, {}
-        forget_group(self.group_name)
+        self.slots, self.scratch = [], None
+        self.close_slots()
         super().close()

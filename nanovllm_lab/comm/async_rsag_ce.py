@@ -22,27 +22,23 @@ Buffer reuse (S = 2 micro_batches + 1 slots):
 - G slot: r's compute stream reads it before partial k + S is produced (fewer than S reductions lie between a
   reduction and its consumer), and peers copy r's rows of it before their first barrier of k + 1.
 - scratch: written and read on the communication stream only.
-- across steps: as async_ce, each step numbers its reductions from 0 after a barrier that opens it.
+- across steps: as async_ce, each step numbers its reductions from 0 behind an opening barrier (ce_slots.py).
 Where it does not apply (steps above the buffer, other dtypes) reductions take async_rsag's NCCL path.
 `emulate=True` runs the slot and shard logic on gloo (the peers' rows by all-gathers) for the CPU tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from nanovllm_lab.comm.async_rsag import AsyncRsAgConfig, AsyncRsAgStrategy
 from nanovllm_lab.comm.base import check_bool, register_strategy
+from nanovllm_lab.comm.ce_slots import CopyEngineSlots
 from nanovllm_lab.comm.seqpar import all_gather_rows, shard_rows
-from nanovllm_lab.comm.symm import (_SUPPORTED_DTYPES, forget_group, linear_into, rendezvous_buffer,
-                                   require_peer_access)
-from nanovllm_lab.comm.symm_norm import sum_add_norm_reference
+from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, linear_into, rendezvous_buffer, require_peer_access
 from nanovllm_lab.utils.context import get_context
-
-_BARRIER_TIMEOUT_MS = 300_000
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class AsyncRsAgCeConfig(AsyncRsAgConfig):
 
 
 @register_strategy("async_rsag_ce", AsyncRsAgCeConfig)
-class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
+class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
     def __init__(self, cfg: AsyncRsAgCeConfig, info) -> None:
         if not cfg.emulate:
             require_peer_access(info, "async_rsag_ce")
@@ -64,20 +60,8 @@ class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
         self.partials: list[torch.Tensor] = []  # every rank's P: [S, capacity, hidden] (emulate: own one only)
         self.gathers: list[torch.Tensor] = []   # every rank's G, the same shape (cuda only)
         self.scratch: torch.Tensor | None = None  # [S, tp - 1, rows, hidden]: the peers' rows of this shard
-        self.handle = None
-        self.group_name = ""
-        self._k = 0              # this step's reductions through the slots so far
         self._slot_k: int | None = None  # the slot the last row-parallel GEMM wrote (None: a plain tensor)
-        self._events: dict[int, Any] = {}
-        self.copies = 0          # reductions through the slots, all steps (as issued; tests, logs)
-        self._fused_norm = None
-        if self.device.type == "cuda":
-            from nanovllm_lab.kernels.allreduce_norm import sum_add_norm
-            self._fused_norm = sum_add_norm
-
-    @property
-    def num_slots(self) -> int:
-        return 2 * self.cfg.micro_batches + 1
+        self.init_slots()
 
     def prepare(self, max_tokens: int, hidden_size: int, dtype: torch.dtype) -> None:
         if self.world_size == 1 or dtype not in _SUPPORTED_DTYPES:
@@ -109,10 +93,7 @@ class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
         if not (self._unreduced and self._fits(x, weight)):
             return super().row_parallel(x, weight, bias)
         k = self._k
-        if self.stream is not None:  # peers have copied this slot's last use (docstring: buffer reuse)
-            guard = self._events.pop(k - self.num_slots, None)
-            if guard is not None:
-                torch.cuda.current_stream(self.device).wait_event(guard)
+        self.wait_slot_free(self.stream, k - self.num_slots)  # peers have copied this slot's last use
         mine = self.partials[0 if self.cfg.emulate else self.rank]
         self._k, self._slot_k = k + 1, k
         return linear_into(mine[k % self.num_slots, :x.shape[0]], x, weight, bias)
@@ -139,7 +120,7 @@ class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            self.barrier()
             parts, i = [], 0
             for q in range(world):
                 if q == r:
@@ -149,7 +130,7 @@ class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
                     i += 1
             shard, mb.residual = self._sum_add_norm(parts, mb.residual, norm)
             self.gathers[r][s, lo:hi].copy_(shard)
-            self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
+            self.barrier()
             for q in range(world):
                 if q != r:
                     self.gathers[r][s, q * rows:(q + 1) * rows].copy_(self.gathers[q][s, q * rows:(q + 1) * rows])
@@ -160,25 +141,13 @@ class AsyncRsAgCeStrategy(AsyncRsAgStrategy):
         mb.inp = self.gathers[r][s, :mb.n]
         return None
 
-    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor, norm):
-        """symm_norm's fused kernel on cuda (float32 sum in rank order, + residual, RMSNorm), its reference
-        elsewhere."""
-        if self._fused_norm is None:
-            return sum_add_norm_reference(parts, residual, norm)
-        return self._fused_norm(parts, residual, norm.weight, norm.eps)
-
     # -- the stack -----------------------------------------------------------------------------------------
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):
         if self.partials and self.plan(get_context(), hidden.shape[0]) is not None:
-            self._k, self._events = 0, {}  # this step's slot sequence starts at 0 (docstring: across steps)
-            if self.stream is not None:
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.stream):
-                    self.handle.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)
-                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self.open_step(self.stream)
         return super().run_layers(layers, positions, hidden)
 
     def close(self) -> None:
-        self.partials, self.gathers, self.scratch, self.handle, self._events = [], [], None, None, {}
-        forget_group(self.group_name)
+        self.partials, self.gathers, self.scratch = [], [], None
+        self.close_slots()
         super().close()
