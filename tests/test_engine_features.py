@@ -158,6 +158,31 @@ def test_prefill_graph_policy_captures_repeated_shapes_up_to_the_limit():
     assert CapturePolicy(limit=0).decide(a) == "eager"
 
 
+def test_prefill_graph_static_inputs_take_the_next_steps_values():
+    """A captured shape's static inputs (engine/prefill_graphs.py, `_Graph`) hold the capture step's values and
+    are rewritten in place with each replayed step's: ids, positions, slots and both block tables (the tensors
+    the captured kernels read keep their addresses). Device-independent, so it runs on cpu."""
+    from nanovllm_lab.engine.inputs import StepInput
+    from nanovllm_lab.engine.prefill_graphs import _Graph
+
+    def step(seed):
+        g = torch.Generator().manual_seed(seed)
+        tables = torch.randint(0, 50, (2, 3), dtype=torch.int32, generator=g)
+        return StepInput(True, torch.randint(0, 99, (9,), generator=g), torch.arange(16, 25),
+                         torch.randint(0, 800, (9,), dtype=torch.int32, generator=g), torch.zeros(2),
+                         [0, 4, 9], [0, 20, 41], None, tables, tables.clone())
+
+    first, second = step(1), step(2)
+    gr = _Graph(first, torch.device("cpu"))
+    addresses = [t.data_ptr() for t in (gr.ids, gr.ctx.slot_mapping, gr.ctx.block_tables, gr.ctx.seq_tables)]
+    assert gr.ctx.cu_seqlens_k.tolist() == [0, 20, 41] and gr.ctx.max_seqlen_q == 5 and gr.ctx.max_seqlen_k == 21
+    gr.fill(second, None)
+    assert [t.data_ptr() for t in (gr.ids, gr.ctx.slot_mapping, gr.ctx.block_tables, gr.ctx.seq_tables)] == addresses
+    assert torch.equal(gr.ids, second.input_ids) and torch.equal(gr.pos, second.positions)
+    assert torch.equal(gr.ctx.slot_mapping, second.slot_mapping)
+    assert torch.equal(gr.ctx.block_tables, second.block_tables) and torch.equal(gr.ctx.seq_tables, second.seq_tables)
+
+
 def test_prefill_graphs_ignored_on_cpu(qwen3_dir, reference):
     """CUDA graphs exist only on cuda: on cpu the option leaves every step eager and the outputs unchanged."""
     with LLM(qwen3_dir, kvcache_block_size=16, num_kvcache_blocks=128, prefill_graphs=4) as llm:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanovllm_lab.engine.inputs import StepInput
-from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
+from nanovllm_lab.utils.context import reset_context, set_context
 
 if TYPE_CHECKING:
     from nanovllm_lab.engine.model_runner import ModelRunner
@@ -71,20 +71,11 @@ class _Graph:
     """One captured prefill shape: its static inputs, the context that points at them, the graph, its output."""
 
     def __init__(self, step: StepInput, device: torch.device) -> None:
-        n, cq, ck = step.num_tokens, step.cu_seqlens_q, step.cu_seqlens_k
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.pos = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(n, dtype=torch.int32, device=device)
-        self.tables = None if step.block_tables is None else torch.zeros_like(step.block_tables, device=device)
-        self.seq_tables = None if step.seq_tables is None else torch.zeros_like(step.seq_tables, device=device)
-        self.ctx = AttentionContext(
-            is_prefill=True,
-            cu_seqlens_q=torch.tensor(cq, dtype=torch.int32, device=device),
-            cu_seqlens_k=torch.tensor(ck, dtype=torch.int32, device=device),
-            max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
-            max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
-            slot_mapping=self.slots, block_tables=self.tables, seq_tables=self.seq_tables,
-            cu_seqlens_q_host=list(cq), cu_seqlens_k_host=list(ck))
+        # The step's own context on the device: its boundaries are part of the key, and its per-token tensors
+        # and block tables serve as the static buffers that `fill` rewrites before each replay.
+        self.ctx = step.to_context(device)
+        self.ids = torch.zeros(step.num_tokens, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(step.num_tokens, dtype=torch.int64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
 
@@ -92,8 +83,9 @@ class _Graph:
         # The boundaries are part of the key, so only the per-token inputs and the block tables change.
         self.ids.copy_(step.input_ids, non_blocking=True)
         self.pos.copy_(step.positions, non_blocking=True)
-        self.slots.copy_(step.slot_mapping, non_blocking=True)
-        for static, t in ((self.tables, step.block_tables), (self.seq_tables, step.seq_tables)):
+        c = self.ctx
+        for static, t in ((c.slot_mapping, step.slot_mapping), (c.block_tables, step.block_tables),
+                          (c.seq_tables, step.seq_tables)):
             if static is not None:
                 static.copy_(t, non_blocking=True)
         if carry is not None:
