@@ -524,6 +524,7 @@ def test_unknown_strategy_lists_the_valid_names():
     ({"name": "async_ce", "emulate": "yes"}, ValueError, "emulate must be true or false"),
     ({"name": "async_ce", "micro_batches": 0}, ValueError, "micro_batches"),
     ({"name": "async_tp", "min_tokens": 0}, ValueError, "min_tokens must be an integer >= 1"),
+    ({"name": "async_rsag_ce", "norm_programs": -2}, ValueError, "norm_programs must be an integer >= 0"),
     ({"name": "async_tp", "min_tokens": 4096, "max_tokens": 2048}, ValueError, "min_tokens .4096. exceeds max_tokens"),
     ({"name": "overlap", "candidates": ["blocking", "magic"]}, ValueError, "candidates"),
     ({"name": "overlap", "table": "/nonexistent/table.json"}, ValueError, "table"),

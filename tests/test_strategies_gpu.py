@@ -60,6 +60,8 @@ STRATEGIES = {
     # async_rsag's shards moved by copy engine: 2 and 3 micro-batches (odd shards pad)
     "async_rsag_ce": {"name": "async_rsag_ce", "min_tokens": 1},
     "async_rsag_ce-3": {"name": "async_rsag_ce", "micro_batches": 3, "min_tokens": 1},
+    # its fused sum + norm on a capped grid: 3 programs stride over each shard's rows
+    "async_rsag_ce-3-programs": {"name": "async_rsag_ce", "norm_programs": 3, "min_tokens": 1},
     # each reduction fused with its GEMM (torch's async-TP operators); every prefill and eager decode step fused
     "async_tp": {"name": "async_tp", "min_tokens": 1},
     # overlap switching between symm_norm (decode, prefill <= 32 tokens) and rsag (larger prefill) in one engine

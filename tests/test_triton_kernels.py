@@ -297,6 +297,33 @@ def test_sum_add_norm_matches_the_unfused_path(dtype, world, n, hidden, norm):
         assert res is residual
 
 
+@pytest.mark.parametrize("programs", [1, 2, 3, 7])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "sum_only"])
+def test_sum_add_norm_capped_grid_and_out_buffer_are_bit_identical(programs, norm):
+    """A capped grid walks rows in a stride (5 rows over 1-3 programs: uneven walks; 7: capped to 5) and `out`
+    receives the first result in place; both give the default launch's bits."""
+    bufs, residual, layer = _fused_inputs(2, 5, 80, torch.bfloat16, _gen(77), norm)
+    weight = layer.weight if norm else None
+    ref_out, ref_res = sum_add_norm(bufs, residual, weight, 1e-6)
+    dest = torch.full((7, 80), float("nan"), dtype=torch.bfloat16)
+    out, res = sum_add_norm(bufs, residual, weight, 1e-6, out=dest[1:6], programs=programs)
+    assert out.data_ptr() == dest[1:6].data_ptr()
+    assert torch.equal(dest[1:6], ref_out)
+    assert torch.isnan(dest[0]).all() and torch.isnan(dest[6]).all()  # rows outside `out` untouched
+    if norm:
+        assert torch.equal(res, ref_res)
+
+
+def test_sum_add_norm_rejects_a_bad_out_buffer_or_grid():
+    bufs = [torch.zeros(4, 8), torch.zeros(4, 8)]
+    with pytest.raises(ValueError, match=r"output must be a contiguous \(4, 8\)"):
+        sum_add_norm(bufs, None, None, 0.0, out=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="not contiguous"):
+        sum_add_norm(bufs, None, None, 0.0, out=torch.zeros(8, 4).t())
+    with pytest.raises(ValueError, match="programs must be an int >= 0"):
+        sum_add_norm(bufs, None, None, 0.0, programs=-1)
+
+
 def test_sum_add_norm_rejects_mismatched_buffers():
     a = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="one shape and dtype"):

@@ -7,14 +7,16 @@ Why. In traces of 16384-token prefill steps (2 x H200, qwen3-8b tp=2, results/LO
 compute stream ran 2.9 ms more norm work than none_mb's (its fused kernel reads two partial sums) and lost 5 ms
 of GEMM time beside its copies; async_rsag (NCCL) leaves the norms off the compute stream but its NCCL kernels
 take SMs. This moves the same bytes as async_ce (n/tp rows in, n/tp rows out per peer) with half the norm rows.
-Status: CPU-verified (emulate, gloo); not yet run on a GPU.
+On 2 x H200 (session 12, results/LOG.md) it equals blocking in float32, eager and in CUDA graphs, and hides
+0.67-0.75 / 0.84 / 0.72-0.76 of the communication at 2048 / 8192 / 16384 prefill tokens (async_ce: 0.37-0.59 /
+0.61-0.63 / 0.63-0.72 in the same calls).
 
 Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil(n / tp):
 - compute stream: the row-parallel GEMM writes its partial sum into slot k % S of r's symmetric buffer P;
 - communication stream: a barrier (every rank's P slot written); one copy per peer of the peer's P rows of r's
   shard into scratch; symm_norm's fused kernel sums them with r's own rows in rank order (float32), adds the
-  residual shard and normalises; the normed shard goes into r's rows of slot k % S of the symmetric gather
-  buffer G; a barrier (every shard written); one copy per peer of the peer's rows of G; event E_k. The
+  residual shard and normalises, writing the normed shard straight into r's rows of slot k % S of the
+  symmetric gather buffer G (`norm_programs` caps that kernel's grid); a barrier (every shard written); one copy per peer of the peer's rows of G; event E_k. The
   micro-batch's next half waits for E_k and reads G's slot.
 - the stack's last reduction (no norm after it) takes async_rsag's NCCL path.
 Buffer reuse (S = 2 micro_batches + 1 slots):
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm_lab.comm.async_rsag import AsyncRsAgConfig, AsyncRsAgStrategy
-from nanovllm_lab.comm.base import check_bool, register_strategy
+from nanovllm_lab.comm.base import check_bool, check_int, register_strategy
 from nanovllm_lab.comm.ce_slots import CopyEngineSlots
 from nanovllm_lab.comm.seqpar import all_gather_rows, shard_rows
 from nanovllm_lab.comm.symm import _SUPPORTED_DTYPES, linear_into, rendezvous_buffer, require_peer_access
@@ -45,10 +47,14 @@ from nanovllm_lab.utils.context import get_context
 class AsyncRsAgCeConfig(AsyncRsAgConfig):
     name: str = "async_rsag_ce"
     emulate: bool = False  # tp>1 without peer access (gloo, CPU tests): the peers' rows by all-gathers
+    # Programs of the fused sum + norm kernel on the communication stream (0: one per row). It runs beside the
+    # other micro-batch's GEMMs; a capped grid takes a few SMs for longer instead of a slice of every SM.
+    norm_programs: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bool(self, "emulate")
+        check_int(self, "norm_programs", lo=0)
 
 
 @register_strategy("async_rsag_ce", AsyncRsAgCeConfig)
@@ -128,8 +134,9 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
                 else:  # the copy engine reads the peer's rows of this shard over NVLink
                     parts.append(self.scratch[s, i, :rows].copy_(self.partials[q][s, lo:hi]))
                     i += 1
-            shard, mb.residual = self._sum_add_norm(parts, mb.residual, norm)
-            self.gathers[r][s, lo:hi].copy_(shard)
+            # The normed shard is written straight into r's rows of the gather slot (no copy after the kernel).
+            _, mb.residual = self._sum_add_norm(parts, mb.residual, norm, out=self.gathers[r][s, lo:hi],
+                                                programs=self.cfg.norm_programs)
             self.barrier()
             for q in range(world):
                 if q != r:

@@ -59,14 +59,16 @@ class CopyEngineSlots:
             if guard is not None:
                 torch.cuda.current_stream(self.device).wait_event(guard)
 
-    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor | None,
-                      norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor | None, norm,
+                      out: torch.Tensor | None = None, programs: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """symm_norm's fused sum + add + RMSNorm kernel on cuda, its PyTorch reference elsewhere (norm=None: the
-        float32 sum over the ranks in rank order, rounded, alone)."""
+        float32 sum over the ranks in rank order, rounded, alone). `out` receives the first result; `programs`
+        caps the kernel's grid (kernels/allreduce_norm.py)."""
         if self._fused_norm is None:
-            return sum_add_norm_reference(parts, residual, norm)
+            first, res = sum_add_norm_reference(parts, residual, norm)
+            return (first if out is None else out.copy_(first)), res
         weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-        return self._fused_norm(parts, residual, weight, eps)
+        return self._fused_norm(parts, residual, weight, eps, out=out, programs=programs)
 
     def close_slots(self) -> None:
         self.handle, self._events = None, {}

@@ -74,16 +74,18 @@ def _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_
 
 
 @triton.jit
-def _sum_add_norm_kernel(b0, b1, b2, b3, b4, b5, b6, b7, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         WORLD: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _sum_add_norm_kernel(b0, b1, b2, b3, b4, b5, b6, b7, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, n_rows,
+                         eps, WORLD: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    off = row * n_cols + cols
-    acc = _sum_ranks(b0, b1, b2, b3, b4, b5, b6, b7, off, mask, WORLD)
-    # Round to nearest even, as torch does (spelled out: the interpreter's default downcast differs).
-    s = acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # what an all-reduce would have returned
-    _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_cols, eps, NORM)
+    # Rows in a grid stride: one pass per program when the grid has a program per row (the default); a capped
+    # grid (`programs`) walks several rows per program and leaves the other SMs to a concurrent GEMM.
+    for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        off = tl.cast(row, tl.int64) * n_cols + cols  # int64: n_rows * n_cols may pass 2**31
+        acc = _sum_ranks(b0, b1, b2, b3, b4, b5, b6, b7, off, mask, WORLD)
+        # Round to nearest even, as torch does (spelled out: the interpreter's default downcast differs).
+        s = acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # what an all-reduce would have returned
+        _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_cols, eps, NORM)
 
 
 @triton.jit
@@ -162,27 +164,39 @@ def row_meta(hidden: int) -> dict:
 
 
 def _launch_add_norm(kernel, ptrs, scalars: tuple, residual, weight, eps: float, n: int, hidden: int,
-                     **constexprs):
-    """One program per row: the add + norm tail that both modes share; returns sum_add_norm's pair. `scalars`
-    are the kernel's own runtime arguments between n_cols and eps."""
+                     programs: int | None = None, out: torch.Tensor | None = None, **constexprs):
+    """The add + norm tail that both modes share; returns sum_add_norm's pair. `scalars` are the kernel's own
+    runtime arguments between n_cols and eps; `programs` the grid (default: one program per row); `out` where
+    the first result goes (default: a new tensor)."""
     norm = weight is not None
-    out = torch.empty_like(ptrs[0])
+    if out is None:
+        out = torch.empty_like(ptrs[0])
+    elif out.shape != ptrs[0].shape or out.dtype != ptrs[0].dtype or not out.is_contiguous():
+        raise ValueError(f"the output must be a contiguous {tuple(ptrs[0].shape)} {ptrs[0].dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
     res_out = torch.empty_like(ptrs[0]) if norm else None
     if n:
         ptrs = list(ptrs) + [ptrs[0]] * (MAX_WORLD - len(ptrs))
-        kernel[(n,)](*ptrs, residual.contiguous() if norm else out, weight if norm else out, out,
-                     res_out if norm else out, hidden, *scalars, eps, NORM=norm,
-                     **row_meta(hidden), **constexprs)
+        kernel[(programs or n,)](*ptrs, residual.contiguous() if norm else out, weight if norm else out, out,
+                                 res_out if norm else out, hidden, *scalars, eps, NORM=norm,
+                                 **row_meta(hidden), **constexprs)
     return (out, res_out) if norm else (out, residual)
 
 
 def sum_add_norm(bufs: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor | None,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, out: torch.Tensor | None = None,
+                 programs: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One-shot: (norm(residual + sum(bufs)) * weight, residual + sum(bufs)); without a weight:
-    (sum(bufs), residual). `bufs` are [n, hidden] row-major views, one per rank, in one dtype."""
+    (sum(bufs), residual). `bufs` are [n, hidden] row-major views, one per rank, in one dtype.
+    `out`: a contiguous [n, hidden] tensor for the first result (e.g. a symmetric buffer's rows, which saves a
+    copy). `programs` > 0 caps the grid (each program then walks rows in a stride): the kernel then takes that
+    many SMs' share beside a concurrent GEMM instead of spreading over all of them; 0: one program per row."""
     world, n, hidden = _check_bufs("sum_add_norm", bufs)
     _check_norm_args("sum_add_norm", n, hidden, residual, weight)
-    return _launch_add_norm(_sum_add_norm_kernel, bufs, (), residual, weight, eps, n, hidden, WORLD=world)
+    if not isinstance(programs, int) or programs < 0:
+        raise ValueError(f"sum_add_norm: programs must be an int >= 0 (0: one per row), got {programs!r}")
+    return _launch_add_norm(_sum_add_norm_kernel, bufs, (n,), residual, weight, eps, n, hidden,
+                            programs=min(n, programs) if programs else n, out=out, WORLD=world)
 
 
 def two_shot_reduce_rows(bufs: list[torch.Tensor], sums: torch.Tensor, rank: int) -> None:
