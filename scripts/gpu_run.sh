@@ -71,8 +71,12 @@ for stage in $stages; do
              [ "$ngpu" -ge 2 ] && lab -m workload=$stage model=$M tp=$TP +strategy=$STEP_STRATEGIES ${STEP_ARGS:-} ;;
     prefill_graph)  # prefill steps replayed from CUDA graphs (GPU-paced: eager steps below 16384 tokens are
              # host-paced, LOG session 10), each shape captured in its second warm-up round
-             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 workload.warmup=2 \
-               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,async_rsag_ce,symm_norm,async_rsag} ${STEP_ARGS:-} ;;
+             # PG_EXTRA: one more multirun at the same sizes, e.g. a strategy's parameter sweep
+             # ("+strategy=async_rsag_ce strategy.norm_programs=16,64"), in the same call as its references
+             [ "$ngpu" -ge 2 ] && { lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 workload.warmup=2 \
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,async_rsag_ce,symm_norm,async_rsag} ${STEP_ARGS:-}
+               [ -n "${PG_EXTRA:-}" ] && stage=prefill_graph_extra lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 \
+                 workload.warmup=2 "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" $PG_EXTRA; } ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
