@@ -62,7 +62,13 @@ class CopyEngineSlots:
     def _sum_add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor | None,
                       norm) -> tuple[torch.Tensor, torch.Tensor | None]:
         """symm_norm's fused sum + add + RMSNorm kernel on cuda, its PyTorch reference elsewhere (norm=None: the
-        float32 sum over the ranks in rank order, rounded, alone)."""
+        float32 sum over the ranks in rank order, rounded, alone). Without a residual (async_rsag_ce's embedding
+        reduction) the sum is the new residual: (norm(sum), sum)."""
+        if residual is None and norm is not None:
+            # The fused kernel's norm always adds a residual; this runs once per micro-batch and step, so the
+            # sum alone and then the norm layer (same rounding as the reference) cost one extra small launch.
+            s, _ = self._sum_add_norm(parts, None, None)
+            return norm(s), s
         if self._fused_norm is None:
             return sum_add_norm_reference(parts, residual, norm)
         weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
