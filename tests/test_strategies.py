@@ -134,6 +134,8 @@ STRATEGIES = {
     # micro-batches with odd token counts (padded shards), 3 parts by sequences, one-token decode micro-batches
     "async_rsag": {"name": "async_rsag", "min_tokens": 1},
     "async_rsag-3-seqs": {"name": "async_rsag", "micro_batches": 3, "split": "seqs", "min_tokens": 1},
+    # decode steps and batch B's prefix-cached 5-token prefill take the blocking loop: the embedding reduced whole
+    "async_rsag-fallback": {"name": "async_rsag", "min_tokens": 8},
     # the copy-engine transport's slot logic, its peers' rows fetched by an all-gather on gloo
     "async_ce": {"name": "async_ce", "emulate": True, "min_tokens": 1},
     "async_ce-3-layer": {"name": "async_ce", "emulate": True, "micro_batches": 3, "stages": "layer", "min_tokens": 1},
@@ -141,6 +143,7 @@ STRATEGIES = {
     "async_rsag_ce": {"name": "async_rsag_ce", "emulate": True, "min_tokens": 1},
     "async_rsag_ce-3-seqs": {"name": "async_rsag_ce", "emulate": True, "micro_batches": 3, "split": "seqs",
                              "min_tokens": 1},
+    "async_rsag_ce-fallback": {"name": "async_rsag_ce", "emulate": True, "min_tokens": 8},
     # GEMM-fused gather / scatter, each half unfused on gloo: odd token counts pad the scatters, one-token decode too
     "async_tp": {"name": "async_tp", "emulate": True, "min_tokens": 1},
     "async_tp-fallback": {"name": "async_tp", "emulate": True, "min_tokens": 8},  # decode steps: the blocking loop
@@ -244,8 +247,9 @@ def test_async_ce_sums_inside_the_norm():
 OWN_PATH = {"async": more_all_reduces, "async-3-seqs-layer": more_all_reduces, "async-4-fallback": more_all_reduces,
             "chunked-3": more_all_reduces, "chunked-4-fallback": more_all_reduces, "chunked-ctas": more_all_reduces,
             "rsag": sharded, "rsag-fallback": sharded, "async_rsag": sharded, "async_rsag-3-seqs": sharded,
-            "async_ce": through_slots, "async_ce-3-layer": through_slots,
-            "async_rsag_ce": shards_through_slots, "async_rsag_ce-3-seqs": shards_through_slots, "async_tp": fused_gemms, "async_tp-fallback": fused_gemms}
+            "async_rsag-fallback": sharded, "async_ce": through_slots, "async_ce-3-layer": through_slots,
+            "async_rsag_ce": shards_through_slots, "async_rsag_ce-3-seqs": shards_through_slots,
+            "async_rsag_ce-fallback": shards_through_slots, "async_tp": fused_gemms, "async_tp-fallback": fused_gemms}
 
 
 def test_reference_issues_all_reduces(reference):
@@ -664,12 +668,125 @@ def test_tokens_split_cuts_prompts_and_seq_tokens_does_not(reference, monkeypatc
     assert_same(got, reference, "async, seq_tokens")
 
 
+@pytest.mark.parametrize("spec", [{"name": "async_rsag", "min_tokens": 8},
+                                  {"name": "async_rsag_ce", "emulate": True, "min_tokens": 8}],
+                         ids=["async_rsag", "async_rsag_ce"])
+def test_async_rsag_reduces_the_embedding_per_micro_batch(spec, reference):
+    """Step by step on rank 0: a micro-batched step issues no all-reduce at all, the embedding's included (it is
+    each micro-batch's first reduction: async_rsag reduce-scatters 2 L + 1 times per micro-batch, async_rsag_ce
+    copies 2 L times through its slots, all but the stack's last); a step that does not micro-batch (decode and a
+    prefix-cached prefill below min_tokens) all-reduces the embedding once before its blocking loop's 2 L."""
+    from nanovllm_lab.models.arch import BUILTIN_ARCHS
+    from nanovllm_lab.utils.context import get_context
+    two_l = 2 * BUILTIN_ARCHS["tiny"].num_hidden_layers
+    llm = LLM("tiny", strategy=spec, **ENGINE)
+    try:
+        s = llm.model_runner.strategy
+        original, steps = s.run_layers, []
+        with counting_collectives() as counts:
+            last = collections.Counter()  # the counts when the previous step's layers ended
+
+            def run_layers(layers, positions, hidden):
+                bounds = s.plan(get_context(), hidden.shape[0])
+                entry, copies = collections.Counter(counts), getattr(s, "copies", 0)
+                out = original(layers, positions, hidden)
+                inside = collections.Counter(counts)
+                inside.subtract(entry)
+                steps.append({"mbs": 0 if bounds is None else len(bounds) - 1,
+                              "embedding": entry["all_reduce"] - last["all_reduce"],
+                              "all_reduce": inside["all_reduce"], "reduce_scatter": inside["reduce_scatter_tensor"],
+                              "copies": getattr(s, "copies", 0) - copies})
+                last.clear()
+                last.update(counts)
+                return out
+            s.run_layers = run_layers
+            out = llm.generate(BATCH_A, GREEDY, use_tqdm=False) + llm.generate(BATCH_B, GREEDY, use_tqdm=False)
+    finally:
+        llm.exit()
+    assert [o["token_ids"] for o in out] == reference["tokens"]
+    split, whole = [st for st in steps if st["mbs"]], [st for st in steps if not st["mbs"]]
+    assert split and whole, steps
+    ce = spec["name"] == "async_rsag_ce"
+    for st in split:
+        m = st["mbs"]
+        want = {"mbs": m, "embedding": 0, "all_reduce": 0, "reduce_scatter": m if ce else m * (two_l + 1),
+                "copies": m * two_l if ce else 0}
+        assert st == want, steps
+    for st in whole:
+        assert st == {"mbs": 0, "embedding": 1, "all_reduce": two_l, "reduce_scatter": 0, "copies": 0}, steps
+
+
+def test_overlap_hands_the_embedding_to_its_micro_batching_delegate(tmp_path, reference):
+    """overlap's prefill delegate async_rsag_ce (emulated) reduces the embedding per micro-batch too: after the
+    first step (which matches the table entry, so its embedding is all-reduced as before) no prefill step that
+    the delegate splits issues an all-reduce; decode steps (blocking) all-reduce it. Tokens equal blocking's."""
+    table = {"format": 1, "note": "test", "entries": [{"model": "*", "tp": "*", "card": "*", "rules": {
+        "decode": [{"max_tokens": None, "choices": [{"strategy": "blocking", "params": {}}]}],
+        "prefill": [{"max_tokens": None, "choices": [
+            {"strategy": "async_rsag_ce", "params": {"emulate": True, "min_tokens": 8}}]}]}}]}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    llm = LLM("tiny", strategy={"name": "overlap", "table": str(path)}, **ENGINE)
+    try:
+        s = llm.model_runner.strategy
+        marks: list[int] = []  # per step: the all-reduces its embedding issued (0: left to the micro-batches)
+        with counting_collectives() as counts:
+            def reduce_embedding(x, _original=s.reduce_embedding):
+                before = counts["all_reduce"]
+                y = _original(x)
+                marks.append(counts["all_reduce"] - before)
+                return y
+            s.reduce_embedding = reduce_embedding
+            out = llm.generate(BATCH_A, GREEDY, use_tqdm=False) + llm.generate(BATCH_B, GREEDY, use_tqdm=False)
+        delegate = next(d for d in s.delegates.values() if d.name == "async_rsag_ce")
+        history = dict(s.history)
+    finally:
+        llm.exit()
+    assert [o["token_ids"] for o in out] == reference["tokens"]
+    assert "async_rsag_ce" in history.values() and "blocking" in history.values(), history
+    assert marks[0] == 1 and 0 in marks[1:] and 1 in marks[1:], marks
+    assert delegate.copies > 0 and not delegate._embed_pending
+
+
+def test_async_rsag_pending_embedding_is_reduced_once_and_forgotten(monkeypatch):
+    """reduce_embedding leaves the embedding of a step that will be micro-batched unreduced. If run_layers then
+    runs the layers whole (layers without the pre-norm parts) it all-reduces it itself, and the pending state
+    ends with that call: a later run_layers on a reduced input (layerbench's) reduces nothing. A step that will
+    not be micro-batched (one token) is reduced by reduce_embedding itself."""
+    from nanovllm_lab.comm.async_rsag import AsyncRsAgConfig, AsyncRsAgStrategy
+    from nanovllm_lab.distributed.parallel import ParallelInfo
+    from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
+
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduced.append(t))
+    s = AsyncRsAgStrategy(AsyncRsAgConfig(min_tokens=1), ParallelInfo(0, 2, "cpu"))
+    layers = [lambda positions, hidden, residual: (hidden + 1, hidden)]  # a layer run whole
+    positions = torch.arange(4)
+    set_context(AttentionContext(is_prefill=False, context_lens=torch.ones(4, dtype=torch.int32)))
+    try:
+        y = torch.randn(4, 8)
+        assert s.reduce_embedding(y) is y and not reduced  # two micro-batches planned: left for run_layers
+        s.run_layers(layers, positions, y)
+        assert len(reduced) == 1 and reduced[0] is y, "the pending embedding was not reduced"
+        s.run_layers(layers, positions, torch.randn(4, 8))
+        assert len(reduced) == 1, "a stale pending embedding reduced a later step's reduced input"
+        set_context(AttentionContext(is_prefill=False, context_lens=torch.ones(1, dtype=torch.int32)))
+        one = torch.randn(1, 8)
+        assert s.reduce_embedding(one) is one and len(reduced) == 2 and reduced[1] is one
+        s.run_layers(layers, positions[:1], one)
+        assert len(reduced) == 2
+    finally:
+        reset_context()
+
+
 def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
     """async_rsag_ce's CUDA path (slots, shard rows, copies, barriers) run by two threads as two ranks over shared
     tensors standing in for symmetric memory, the barrier a threading.Barrier and streams and events no-ops:
     the gathered normed rows and each rank's residual shard must equal the reference (the sum of both partial
-    GEMMs, + residual, RMSNorm), at odd and even token counts and across slots. Stream ordering is the GPU
-    tests' part; this checks the indexing that only the device path runs."""
+    GEMMs, + residual, RMSNorm), at odd and even token counts and across slots. Some reductions are the
+    embedding's (each rank's partial lookup copied into its slot, no residual): there the residual shard is the
+    sum's shard and the rows are its RMSNorm. Stream ordering is the GPU tests' part; this checks the indexing
+    that only the device path runs."""
     import dataclasses
     import threading
     import types
@@ -696,6 +813,8 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
     xs = [[torch.randn(n, 6, generator=g) for _ in range(world)] for n in sizes]
     w = [torch.randn(hidden, 6, generator=g) for _ in range(world)]
     resid = [torch.randn(n, hidden, generator=g) for n in sizes]
+    embedding = {1, 4, 5}  # these reductions are the embedding's: ys are the ranks' partial lookups
+    ys = [[torch.randn(n, hidden, generator=g) for _ in range(world)] for n in sizes]
     norm = RMSNorm(hidden, 1e-6)
     norm.weight.data = torch.rand(hidden, generator=g) + 0.5
     got: dict = {}
@@ -709,9 +828,12 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
         s._unreduced = True
         for j, n in enumerate(sizes):
             mb = _MicroBatch(None, None, n)
-            mb.residual = token_shard(resid[j], r, world)
-            partial = s.row_parallel(xs[j][r], w[r], None)
-            assert s._reduce(mb, partial, norm) is None
+            if j in embedding:
+                s._reduce_embedding(mb, ys[j][r], norm)
+            else:
+                mb.residual = token_shard(resid[j], r, world)
+                partial = s.row_parallel(xs[j][r], w[r], None)
+                assert s._reduce(mb, partial, norm) is None
             got[r, j] = (mb.inp.clone(), mb.residual.clone())
         got[r, "copies"] = s.copies
 
@@ -722,8 +844,12 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
         t.join(60)
     assert got.get((0, "copies")) == len(sizes) == got.get((1, "copies")), got.keys()
     for j, n in enumerate(sizes):
-        total = sum(xs[j][r] @ w[r].t() for r in range(world))
-        want_h, want_res = norm(total, resid[j].clone())
+        if j in embedding:
+            total = ys[j][0] + ys[j][1]
+            want_h, want_res = norm(total), total
+        else:
+            total = sum(xs[j][r] @ w[r].t() for r in range(world))
+            want_h, want_res = norm(total, resid[j].clone())
         for r in range(world):
             h, res = got[r, j]
             rows = res.shape[0]

@@ -324,6 +324,22 @@ def test_sum_add_norm_rejects_a_bad_out_buffer_or_grid():
         sum_add_norm(bufs, None, None, 0.0, programs=-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_engine_slots_sum_without_a_residual(dtype):
+    """async_rsag_ce's embedding reduction has no residual to add: on the device path CopyEngineSlots sums with
+    the fused kernel and then normalises with the norm layer, returning (norm(sum), sum) as its reference does."""
+    from nanovllm_lab.comm.ce_slots import CopyEngineSlots
+    bufs, _, layer = _fused_inputs(2, 5, 80, dtype, _gen(77), True)
+    fused, reference = CopyEngineSlots(), CopyEngineSlots()
+    fused._fused_norm, reference._fused_norm = sum_add_norm, None
+    out, res = fused._sum_add_norm(bufs, None, layer)
+    ref_out, ref_res = reference._sum_add_norm(bufs, None, layer)
+    _check(res, ref_res, dtype)
+    _check(res, bufs[0].float().add(bufs[1].float()).to(dtype), dtype)
+    _check(out, ref_out, dtype)
+    _check(out, layer(res), dtype)
+
+
 def test_sum_add_norm_rejects_mismatched_buffers():
     a = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="one shape and dtype"):

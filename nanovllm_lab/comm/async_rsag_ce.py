@@ -7,26 +7,38 @@ Why. In traces of 16384-token prefill steps (2 x H200, qwen3-8b tp=2, results/LO
 compute stream ran 2.9 ms more norm work than none_mb's (its fused kernel reads two partial sums) and lost 5 ms
 of GEMM time beside its copies; async_rsag (NCCL) leaves the norms off the compute stream but its NCCL kernels
 take SMs. This moves the same bytes as async_ce (n/tp rows in, n/tp rows out per peer) with half the norm rows.
-On 2 x H200 (session 12, results/LOG.md) it equals blocking in float32, eager and in CUDA graphs, and hides
-0.67-0.75 / 0.84 / 0.72-0.76 of the communication at 2048 / 8192 / 16384 prefill tokens (async_ce: 0.37-0.59 /
-0.61-0.63 / 0.63-0.72 in the same calls).
+On 2 x H200 (session 12, results/LOG.md; prefill replayed from CUDA graphs, qwen3-8b tp=2) it equals blocking
+in float32, eager and in graphs, and hid 0.67-0.75 / 0.84 / 0.72-0.76 of the communication at 2048 / 8192 /
+16384 tokens (async_ce: 0.37-0.59 / 0.61-0.63 / 0.63-0.72 in the same calls); writing the norm's output straight
+into G (no copy after it) then gave 0.72 / 0.85 / 0.86.
 
 Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil(n / tp):
 - compute stream: the row-parallel GEMM writes its partial sum into slot k % S of r's symmetric buffer P;
 - communication stream: a barrier (every rank's P slot written); one copy per peer of the peer's P rows of r's
   shard into scratch; symm_norm's fused kernel sums them with r's own rows in rank order (float32), adds the
   residual shard and normalises, writing the normed shard straight into r's rows of slot k % S of the
-  symmetric gather buffer G (`norm_programs` caps that kernel's grid); a barrier (every shard written); one copy per peer of the peer's rows of G; event E_k. The
-  micro-batch's next half waits for E_k and reads G's slot.
+  symmetric gather buffer G (`norm_programs` caps that kernel's grid); a barrier (every shard written); one
+  copy per peer of the peer's rows of G; event E_k. The micro-batch's next half waits for E_k and reads G's slot.
 - the stack's last reduction (no norm after it) takes async_rsag's NCCL path.
-Buffer reuse (S = 2 micro_batches + 1 slots):
-- P slot: peers copy from it before their second barrier of reduction k, so GEMM k + S waits for E_k.
-- G slot: r's compute stream reads it before partial k + S is produced (fewer than S reductions lie between a
-  reduction and its consumer), and peers copy r's rows of it before their first barrier of k + 1.
+- each micro-batch's first reduction is the embedding's (async_rsag.py says why): the compute stream copies the
+  micro-batch's rows of the masked lookup into the P slot, and the reduced shard, with no residual to add,
+  becomes the residual stream (the fused kernel makes the sum alone, the first layer's input norm follows it).
+Buffer reuse (S = 2 micro_batches + 1 slots). With M micro-batches, a step issues its reductions stage by stage
+(the embedding, then each half-layer), micro-batch by micro-batch: reduction k = M * stage + m, and its
+consumer is the same micro-batch's next GEMM, which makes partial k + M. So M - 1 reductions lie between a
+reduction and its consumer, the embedding's included:
+- P slot: peers copy from it before their second barrier of reduction k, so GEMM k + S waits for E_k (the
+  embedding's copies, k < M < S, find their slots unused this step: the opening barrier covers them).
+- G slot: r's compute stream reads it before partial k + M <= k + S is produced, and peers copy r's rows of it
+  before their first barrier of k + 1.
 - scratch: written and read on the communication stream only.
-- across steps: as async_ce, each step numbers its reductions from 0 behind an opening barrier (ce_slots.py).
-Where it does not apply (steps above the buffer, other dtypes) reductions take async_rsag's NCCL path.
-`emulate=True` runs the slot and shard logic on gloo (the peers' rows by all-gathers) for the CPU tests.
+- across steps: as async_ce, each step numbers its reductions from 0 behind an opening barrier (ce_slots.py);
+  the embedding's copies into the slots come after it.
+S = 2M + 1 is the mixin's count, sized for async_ce (whose stages="layer" has 2 (M - 1) reductions in between);
+this schedule needs S >= M, so the spare slots leave GEMM k + S's wait on E_k long satisfied.
+Where it does not apply (steps above the buffer, other dtypes) reductions, the embedding's included, take
+async_rsag's NCCL path. `emulate=True` runs the slot and shard logic on gloo (the peers' rows by all-gathers)
+for the CPU tests.
 """
 from __future__ import annotations
 
@@ -87,22 +99,32 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
         self.partials, self.gathers = [b[0] for b in both], [b[1] for b in both]
         self.scratch = torch.zeros((self.num_slots, world - 1, rows, hidden_size), dtype=dtype, device=self.device)
 
-    def _fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        if not self.partials or x.dim() != 2 or x.dtype != self.partials[0].dtype:
+    def _fits(self, n: int, hidden: int, dtype: torch.dtype) -> bool:
+        """Whether an [n, hidden] partial sum of this dtype fits a slot, its padded shards included."""
+        if not self.partials or dtype != self.partials[0].dtype:
             return False
-        _, capacity, hidden = self.partials[0].shape
-        return weight.shape[0] == hidden and shard_rows(x.shape[0], self.world_size) * self.world_size <= capacity
+        _, capacity, width = self.partials[0].shape
+        return hidden == width and shard_rows(n, self.world_size) * self.world_size <= capacity
+
+    def _claim_slot(self) -> torch.Tensor:
+        """The next reduction's slot of this rank's P, once the peers have copied its last use."""
+        k = self._k
+        self.wait_slot_free(self.stream, k - self.num_slots)
+        self._k, self._slot_k = k + 1, k
+        return self.partials[0 if self.cfg.emulate else self.rank][k % self.num_slots]
 
     # -- the GEMM into a slot, and its reduction -------------------------------------------------------
     def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._slot_k = None
-        if not (self._unreduced and self._fits(x, weight)):
+        if not (self._unreduced and x.dim() == 2 and self._fits(x.shape[0], weight.shape[0], x.dtype)):
             return super().row_parallel(x, weight, bias)
-        k = self._k
-        self.wait_slot_free(self.stream, k - self.num_slots)  # peers have copied this slot's last use
-        mine = self.partials[0 if self.cfg.emulate else self.rank]
-        self._k, self._slot_k = k + 1, k
-        return linear_into(mine[k % self.num_slots, :x.shape[0]], x, weight, bias)
+        return linear_into(self._claim_slot()[:x.shape[0]], x, weight, bias)
+
+    def _reduce_embedding(self, mb, partial: torch.Tensor, norm) -> None:
+        self._slot_k = None
+        if self._fits(*partial.shape, partial.dtype):  # else async_rsag's NCCL path reads the rows where they are
+            partial = self._claim_slot()[:partial.shape[0]].copy_(partial)
+        super()._reduce_embedding(mb, partial, norm)
 
     def _reduce(self, mb, partial: torch.Tensor, norm) -> torch.Tensor | None:
         k, self._slot_k = self._slot_k, None

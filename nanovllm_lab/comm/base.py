@@ -115,6 +115,9 @@ class CommStrategy:
         return F.linear(x, weight, bias)
 
     def reduce_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's embedding lookup (zero rows for tokens outside its vocabulary shard) -> the sum over the
+        ranks. A micro-batching strategy may return it unreduced and reduce it per micro-batch in `run_layers`
+        (async_rsag)."""
         return self.all_reduce(x)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,14 @@ class CopyEngineSlots:
                       out: torch.Tensor | None = None, programs: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """symm_norm's fused sum + add + RMSNorm kernel on cuda, its PyTorch reference elsewhere (norm=None: the
         float32 sum over the ranks in rank order, rounded, alone). `out` receives the first result; `programs`
-        caps the kernel's grid (kernels/allreduce_norm.py)."""
+        caps the kernel's grid (kernels/allreduce_norm.py). Without a residual (async_rsag_ce's embedding
+        reduction) the sum is the new residual: (norm(sum), sum)."""
+        if residual is None and norm is not None:
+            # The fused kernel's norm always adds a residual; this runs once per micro-batch and step, so the
+            # sum alone and then the norm layer (same rounding as the reference) cost one extra small launch.
+            s, _ = self._sum_add_norm(parts, None, None, programs=programs)
+            y = norm(s)
+            return (y if out is None else out.copy_(y)), s
         if self._fused_norm is None:
             first, res = sum_add_norm_reference(parts, residual, norm)
             return (first if out is None else out.copy_(first)), res

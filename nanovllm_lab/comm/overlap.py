@@ -155,6 +155,7 @@ class OverlapStrategy(CommStrategy):
         self._blocking = build_strategy(StrategyConfig(name="blocking"), info)
         self._active: CommStrategy = self._blocking
         self._entry: dict | None | bool = False  # False: not resolved yet (needs the model's shapes)
+        self._embedded_by: CommStrategy | None = None  # the delegate that took this step's embedding reduction
         self.history: dict[tuple[str, int], str] = {}  # (phase, tokens) -> the strategy that ran
         # Build every delegate any entry for this tp/card could pick, now: symm allocates and exchanges its
         # buffer (a collective) in prepare(), which must not happen lazily inside a forward or a capture.
@@ -209,9 +210,21 @@ class OverlapStrategy(CommStrategy):
         return self._blocking
 
     # -- delegation ---------------------------------------------------------------------------------------
+    def reduce_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        # The step's delegate reduces the embedding too (async_rsag and async_rsag_ce do it per micro-batch,
+        # inside run_layers). The table entry needs the layers' shapes, so until the first run_layers matched it
+        # the plain all-reduce runs; choose() gives run_layers the same delegate for the same step.
+        if self._entry is False:
+            return super().reduce_embedding(x)
+        self._embedded_by = self.choose(None, get_context().is_prefill, x.shape[0])
+        return self._embedded_by.reduce_embedding(x)
+
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         is_prefill = get_context().is_prefill
         s = self.choose(layers, is_prefill, hidden.shape[0])
+        embedded_by, self._embedded_by = self._embedded_by, None
+        if embedded_by is not None and embedded_by is not s:  # its unreduced embedding would reach s
+            raise RuntimeError(f"overlap: the step's embedding went to {embedded_by.name} but its layers to {s.name}")
         self.history[("prefill" if is_prefill else "decode", int(hidden.shape[0]))] = s.name
         self._active = s
         try:
