@@ -73,7 +73,9 @@ def _add_norm_store(s, res_ptr, w_ptr, out_ptr, res_out_ptr, off, cols, mask, n_
         tl.store(out_ptr + off, s, mask=mask)
 
 
-@triton.jit
+# n_rows is not specialised: Triton would otherwise compile a variant for row counts divisible by 16 and another
+# for the rest, and a prefill step whose shard has a new kind of row count would pay that compile inside it.
+@triton.jit(do_not_specialize=["n_rows"])
 def _sum_add_norm_kernel(b0, b1, b2, b3, b4, b5, b6, b7, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, n_rows,
                          eps, WORLD: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
