@@ -228,3 +228,28 @@ def test_wandb_report_carries_every_table(tmp_path, monkeypatch):
     log_report_to_wandb(rep)
     assert {"runs", "steps", "traces"} <= set(logged) and "layer" not in logged
     assert logged["traces"][1]["compute_interference"].tolist() == [None, 0.06]
+
+
+def test_report_splits_traced_steps_by_size(tmp_path):
+    """Two profiled runs whose trace summaries hold per-size step rows (lab/trace.py `steps_by_size`): the report's
+    'Traced steps by size' table puts each run's strategy beside its rows, in ms, sizes apart; a run without
+    per-size rows adds none."""
+    import json
+
+    from nanovllm_lab.lab.compare import build_report, write_report
+    sizes = {"none_mb": [(2048, 28.0, 19.0), (16384, 205.0, 150.0)], "async_rsag_ce": [(16384, 212.5, 157.5)],
+             "blocking": []}
+    for i, (strategy, rows) in enumerate(sizes.items()):
+        d = tmp_path / f"{i}_{strategy}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(dict(status="ok", workload="prefill", model="m", tp=2,
+                                                        strategy=strategy, throughput_tok_s=1.0)))
+        (d / "trace_summary.json").write_text(json.dumps({"num_kernels": 1, "steps_by_size": [
+            {"phase": "prefill", "tokens": t, "steps": 2, "span_us": span * 1e3, "gemm_us": gemm * 1e3,
+             "nccl_us": 0.0} for t, span, gemm in rows]}))
+    rep = build_report(tmp_path)
+    t = rep.trace_sizes.set_index(["tokens", "strategy"])
+    assert len(t) == 3 and set(t.index) == {(2048, "none_mb"), (16384, "none_mb"), (16384, "async_rsag_ce")}
+    assert t.loc[(16384, "async_rsag_ce"), "span_ms"] == 212.5 and t.loc[(16384, "none_mb"), "gemm_ms"] == 150.0
+    assert "nccl_ms" not in t  # a class that never ran is left out
+    assert "## Traced steps by size" in write_report(rep, tmp_path / "r.md").read_text()

@@ -120,3 +120,38 @@ def test_copy_engine_transfers_count_as_communication():
     assert s["comm_busy_us"] == pytest.approx(10) and s["concurrent_comm_us"] == pytest.approx(5)
     assert s["exposed_comm_us"] == pytest.approx(5)
     assert s["device_idle_us"] == pytest.approx(0) and s["kernel_span_us"] == pytest.approx(17)
+
+
+def test_steps_by_size_splits_a_trace_into_its_steps():
+    """Each engine step's device range (a gpu_user_annotation named by engine/pending.py's step_range) claims the
+    device events that start inside it: per (phase, tokens), the median span and kernel time by class. Events
+    outside every step range, CPU-side ranges and other annotations count for no step."""
+    import types
+
+    from nanovllm_lab.engine.pending import step_range
+
+    def name(is_prefill: bool, tokens: int) -> str:  # a StepInput's two fields that name its range
+        return step_range(types.SimpleNamespace(is_prefill=is_prefill, num_tokens=tokens))
+    small, large, decode = name(True, 2048), name(True, 16384), name(False, 8)
+    assert small == "nanovllm_step prefill 2048" and decode == "nanovllm_step decode 8"
+    events = [(small, 0, 100, "gpu_user_annotation"), (small, 0, 400, "user_annotation"),
+              ("nvjet_gemm", 0, 60, "kernel"), ("_sum_add_norm_kernel", 50, 30, "kernel"),
+              ("Memcpy PtoP (Device -> Device)", 70, 20, "gpu_memcpy"),
+              (large, 200, 1000, "gpu_user_annotation"),
+              ("nvjet_gemm", 200, 700, "kernel"), ("_prefill_kernel", 900, 100, "kernel"),
+              ("ncclDevKernel_AllReduce", 1000, 150, "kernel"),
+              (small, 1500, 120, "gpu_user_annotation"),
+              ("nvjet_gemm", 1500, 80, "kernel"), ("_sum_add_norm_kernel", 1580, 40, "kernel"),
+              ("nccl:all_reduce", 1590, 20, "gpu_user_annotation"),  # not a step
+              ("nvjet_gemm", 1700, 500, "kernel"),  # after every step range
+              (decode, 2300, 10, "gpu_user_annotation"), ("_decode_partial", 2300, 10, "kernel")]
+    rows = {(r["phase"], r["tokens"]): r for r in analyze_events(events)["steps_by_size"]}
+    assert set(rows) == {("prefill", 2048), ("prefill", 16384), ("decode", 8)}
+    s = rows["prefill", 2048]  # medians of (90, 120) span, gemm (60, 80), sum_norm (30, 40), ce (20, 0)
+    assert s["steps"] == 2 and s["span_us"] == 105 and s["gemm_us"] == 70 and s["sum_norm_us"] == 35
+    assert s["ce_copy_us"] == 10 and s["nccl_us"] == 0
+    big = rows["prefill", 16384]
+    assert big["steps"] == 1 and big["span_us"] == 950 and big["gemm_us"] == 700 and big["attention_us"] == 100
+    assert big["nccl_us"] == 150
+    assert rows["decode", 8]["attention_us"] == 10 and rows["decode", 8]["gemm_us"] == 0
+    assert analyze_events([("nvjet_gemm", 0, 5, "kernel")])["steps_by_size"] == []  # no step ranges: no rows

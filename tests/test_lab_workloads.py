@@ -83,6 +83,15 @@ def test_trace_mode_on_cpu(tmp_path):
     assert trace["num_kernels"] == 0 and trace["comm_busy_us"] == 0 and trace["trace_concurrency"] == 0.0
     assert trace["num_steps"] == s["num_steps"] > 0  # only the timed part is traced
     assert s["trace_concurrency"] == 0.0 and "trace_exposed_comm_us" in s
+    # every traced step is a named profiler range (the device side of it is what lab/trace.py splits steps by; a
+    # CPU trace has the host side only, so no per-size rows)
+    from nanovllm_lab.lab.trace import events_from_chrome_trace
+    ranges = [ev.name for ev in events_from_chrome_trace(tmp_path / "profile.trace.json")
+              if ev.category == "user_annotation" and ev.name.startswith("nanovllm_step ")]
+    steps = pd.read_parquet(tmp_path / "steps.parquet")
+    timed = steps[~steps["warmup"]] if "warmup" in steps else steps
+    assert sorted(ranges) == sorted(f"nanovllm_step {r.phase} {r.num_tokens}" for r in timed.itertuples())
+    assert trace["steps_by_size"] == []
 
 
 class _FakeRun:

@@ -20,7 +20,7 @@ from nanovllm_lab.comm import build_strategy, set_comm
 from nanovllm_lab.config import Config
 from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
 from nanovllm_lab.engine.inputs import StepInput
-from nanovllm_lab.engine.pending import Carry, Pending, StepTimer
+from nanovllm_lab.engine.pending import Carry, Pending, StepTimer, step_range
 from nanovllm_lab.layers.attention import Attention
 from nanovllm_lab.layers.sampler import Sampler
 from nanovllm_lab.models.qwen3 import Qwen3ForCausalLM, checkpoint_shapes
@@ -212,6 +212,11 @@ class ModelRunner:
         tokens[src], still on the device, which lets the engine build step N+1 while step N runs
         (engine/overlap.py). For that every rank samples (the same all-gathered logits, the same seeded
         generator: the same tokens), so worker ranks have the ids too."""
+        # A named range per step: under trace=true it marks which kernels are this step's (lab/trace.py).
+        with torch.profiler.record_function(step_range(step)):
+            return self._launch(step, carry_rows)
+
+    def _launch(self, step: StepInput, carry_rows: tuple[list[int], list[int]] | None) -> Pending | None:
         carry = Carry(self._last_tokens, *carry_rows) if carry_rows else None
         prefill_graph = None
         if step.is_prefill and self.prefill_graphs is not None:  # before the timer: a capture is not the step's time

@@ -10,6 +10,15 @@ import torch
 
 from nanovllm_lab.engine.inputs import StepInput
 
+# The name prefix of the profiler range around each launched step (`step_range`): lab/trace.py finds each step's
+# kernels by the device-side range (a gpu_user_annotation) that torch.profiler records for it.
+STEP_RANGE = "nanovllm_step"
+
+
+def step_range(step: StepInput) -> str:
+    """`nanovllm_step <phase> <tokens>`: the step's profiler range name."""
+    return f"{STEP_RANGE} {'prefill' if step.is_prefill else 'decode'} {step.num_tokens}"
+
 
 class StepTimer:
     """Device events on cuda, a monotonic clock on cpu. `stop()` marks the end of the step's work when it is

@@ -41,6 +41,7 @@ class Report:
     layer: pd.DataFrame                      # layer rows, pivoted per strategy
     steps: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode/prefill step latencies per size
     traces: pd.DataFrame = field(default_factory=pd.DataFrame)  # profiled runs: busy times, compute interference
+    trace_sizes: pd.DataFrame = field(default_factory=pd.DataFrame)  # profiled steps by size: span, time by class
     scaling: pd.DataFrame = field(default_factory=pd.DataFrame)  # throughput against linear scaling from tp=1
     figures: dict[str, Figure] = field(default_factory=dict)
     uses_wandb: bool = False
@@ -209,6 +210,21 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values([*_GROUP, "strategy"], kind="stable").reset_index(drop=True)
 
 
+def trace_size_table(sizes: pd.DataFrame, summaries: pd.DataFrame) -> pd.DataFrame:
+    """Per profiled run and traced step size: the median step's device span and kernel time by class (ms), next
+    to the run's strategy; read a strategy's row against none's (or none_mb's) at the same size."""
+    if sizes.empty or "run" not in summaries:
+        return pd.DataFrame()
+    keys = [c for c in ("run", *_GROUP, "strategy") if c in summaries]
+    out = summaries[keys].merge(sizes, on="run")
+    for col in [c for c in out if c.endswith("_us")]:
+        if out[col].fillna(0).any() or col == "span_us":
+            out[col[:-3] + "_ms"] = out[col] / 1e3
+        out = out.drop(columns=col)
+    return out.sort_values([c for c in (*_GROUP, "phase", "tokens", "strategy") if c in out],
+                           kind="stable").reset_index(drop=True)
+
+
 def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
     """Per (arch, tp, unit, phase, tokens): each strategy's time, exposed communication, overlap efficiency and
     (where profiled, on cuda) compute interference."""
@@ -229,6 +245,7 @@ def build_report(root: str | Path) -> Report:
     runs = comparison_table(summaries)
     rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
                  steps=step_table(steps, summaries), scaling=scaling_table(runs), traces=trace_table(summaries),
+                 trace_sizes=trace_size_table(results.load_trace_sizes(root), summaries),
                  uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
     step_rows = pd.DataFrame()
     if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
@@ -272,7 +289,8 @@ def write_report(rep: Report, out: str | Path) -> Path:
         results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         images[name] = f"{assets.name}/{path.name}"
     sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("TP scaling", rep.scaling),
-                ("Step latencies", rep.steps), ("Traces (per step)", rep.traces), ("Layer sweep", rep.layer)]
+                ("Step latencies", rep.steps), ("Traces (per step)", rep.traces),
+                ("Traced steps by size", rep.trace_sizes), ("Layer sweep", rep.layer)]
     if out.suffix == ".md":
         parts = [f"# nanovllm_lab report: {rep.root}\n"]
         for title, df in sections:
@@ -303,7 +321,8 @@ def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = 
         return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
 
     payload: dict[str, Any] = {"runs": table(rep.runs)}
-    for name, df in (("layer", rep.layer), ("scaling", rep.scaling), ("steps", rep.steps), ("traces", rep.traces)):
+    for name, df in (("layer", rep.layer), ("scaling", rep.scaling), ("steps", rep.steps), ("traces", rep.traces),
+                     ("trace_sizes", rep.trace_sizes)):
         if not df.empty:
             payload[name] = table(df)
     payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})

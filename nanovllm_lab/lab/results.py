@@ -153,6 +153,14 @@ def load_layer(root: str | os.PathLike) -> pd.DataFrame:
     return _load_tables(root, "layer.parquet")
 
 
+def load_trace_sizes(root: str | os.PathLike) -> pd.DataFrame:
+    """One row per profiled run and (phase, tokens) of its traced steps: trace_summary.json's `steps_by_size`."""
+    root = Path(root)
+    rows = [{"run": _run_key(d, root), **row} for d in find_run_dirs(root) if (d / "trace_summary.json").exists()
+            for row in read_json(d / "trace_summary.json").get("steps_by_size", [])]
+    return pd.DataFrame(rows)
+
+
 def load_trace_summaries(root: str | os.PathLike) -> pd.DataFrame:
     root = Path(root)
     rows = [{"run": _run_key(d, root), **{k: v for k, v in read_json(d / "trace_summary.json").items()

@@ -20,23 +20,33 @@ the same kernels in lockstep) and exports a Chrome trace (open it in chrome://tr
   ce_copy, other. Why: the comm/compute split above counts a fused sum + norm kernel as communication, though
   it also does the norm that a `none` run does as compute; comparing a strategy with `none` (or `none_mb`) class
   by class says where its extra time goes (a GEMM slowed beside copies, a norm that reads two inputs, waits).
+- per step (`steps_by_size`): the engine names a profiler range after each step it launches
+  (engine/pending.py `step_range`: `nanovllm_step <phase> <tokens>`), and torch.profiler records that range on the
+  device too (a gpu_user_annotation from the step's first kernel to its last). Each device event that starts
+  inside a step's device range counts for that step: its span and its kernel time by class, as medians over the
+  traced steps of one phase and token count. Why: a trace over several sizes (prefill 2048 and 16384) otherwise
+  averages them into one row.
 - device idle: the part of the kernel span with no kernel at all running. A large share means the host,
   not the GPU, sets the pace (launch-bound eager steps; session 6's tp=4 prefill steps up to 2048 tokens were
   suspected of it). A long NCCL kernel in a host-bound run is mostly waiting for a slower rank to launch its half.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import statistics
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from nanovllm_lab.comm.interference import COMM_KERNEL_RE, is_comm_kernel  # noqa: F401 (re-exported)
+from nanovllm_lab.engine.pending import STEP_RANGE
 from nanovllm_lab.lab.results import atomic_write
 
 KERNEL_CATEGORIES = frozenset({"kernel"})  # torch.profiler's Chrome-trace category of device kernels
+STEP_CATEGORY = "gpu_user_annotation"  # a profiler range's device-side extent
 MEMCPY_CATEGORY = "gpu_memcpy"
 
 
@@ -116,6 +126,38 @@ def _top(events: list[TraceEvent], n: int = 10) -> list[dict[str, Any]]:
     return [{"name": k, "count": int(c), "total_us": t} for k, (c, t) in ranked]
 
 
+def step_breakdown(events: list[TraceEvent]) -> list[dict[str, Any]]:
+    """One row per traced engine step (its device range, see the module docstring), in time order: phase, tokens,
+    the span of its device events and their summed time by kernel class (us)."""
+    device = sorted((ev for ev in events if ev.category in KERNEL_CATEGORIES or is_ce_transfer(ev)),
+                    key=lambda ev: ev.start_us)
+    starts = [ev.start_us for ev in device]
+    ranges = sorted((ev for ev in events if ev.category == STEP_CATEGORY and ev.name.startswith(STEP_RANGE + " ")),
+                    key=lambda ev: ev.start_us)
+    rows = []
+    for r in ranges:
+        _, phase, tokens = r.name.split()
+        inside = device[bisect.bisect_left(starts, r.start_us):bisect.bisect_left(starts, r.start_us + r.dur_us)]
+        row: dict[str, Any] = {"phase": phase, "tokens": int(tokens), "span_us": 0.0,
+                               **{f"{cls}_us": 0.0 for cls in KERNEL_CLASSES}}
+        if inside:
+            row["span_us"] = max(ev.start_us + ev.dur_us for ev in inside) - inside[0].start_us
+        for ev in inside:
+            row[f"{kernel_class(ev)}_us"] += ev.dur_us
+        rows.append(row)
+    return rows
+
+
+def steps_by_size(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`step_breakdown`'s rows as medians per (phase, tokens), with the number of steps behind each."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row["phase"], row["tokens"]].append(row)
+    return [{"phase": phase, "tokens": tokens, "steps": len(g),
+             **{k: float(statistics.median(r[k] for r in g)) for k in g[0] if k.endswith("_us")}}
+            for (phase, tokens), g in sorted(groups.items())]
+
+
 def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None = None) -> dict[str, Any]:
     """Compute/communication kernel times and their concurrency from trace events (all times in us)."""
     events = [TraceEvent(*ev) for ev in events]
@@ -140,6 +182,7 @@ def analyze_events(events: Iterable[TraceEvent | tuple], num_steps: int | None =
         "kernel_span_us": float(span),
         "device_idle_us": float(span - busy), "device_busy_fraction": busy / span if span > 0 else 0.0,
         "top_comm_kernels": _top(comm), "top_compute_kernels": _top(compute),
+        "steps_by_size": steps_by_size(step_breakdown(events)),
     }
     if num_steps:
         by_class = dict.fromkeys(KERNEL_CLASSES, 0.0)
