@@ -269,6 +269,28 @@ def test_slice_tokens_needs_tables_to_start_inside_a_sequence():
         ctx.slice_tokens(2, 8)
 
 
+def test_micro_batch_slices_that_kernels_read_start_16_byte_aligned():
+    """Triton specialises pointer arguments on 16-byte alignment: a micro-batch's slot mapping, block tables and
+    context lengths are copied where their slice starts off a 16-byte boundary (else a kernel compiles a new
+    variant mid-step) and stay views where it starts on one. Values are those of the slice either way."""
+    ctx = _prefill_ctx([5, 6], [5, 6])
+    ctx.slot_mapping = torch.arange(100, 111, dtype=torch.int32)
+    ctx.seq_tables = torch.arange(6, dtype=torch.int32).view(2, 3)
+    # (t0, t1, first and end sequence): int32 slot offsets 0 and 4 are aligned, 5 and 3 are not; a table slice
+    # from sequence 1 starts 12 bytes in
+    for t0, t1, s0, s1 in ((0, 4, 0, 1), (4, 11, 0, 2), (5, 11, 1, 2), (3, 8, 0, 2)):
+        piece = ctx.slice_tokens(t0, t1)
+        for got, want in ((piece.slot_mapping, ctx.slot_mapping[t0:t1]), (piece.seq_tables, ctx.seq_tables[s0:s1])):
+            assert got.data_ptr() % 16 == 0 and torch.equal(got, want), (t0, t1)
+            assert (got.data_ptr() == want.data_ptr()) == (want.data_ptr() % 16 == 0)  # a view where it could be
+    dec = AttentionContext(is_prefill=False, slot_mapping=torch.arange(7, dtype=torch.int32),
+                           context_lens=torch.arange(7, dtype=torch.int32),
+                           block_tables=torch.arange(14, dtype=torch.int32).view(7, 2))
+    piece = dec.slice_seqs(3, 7)
+    assert all(t.data_ptr() % 16 == 0 for t in (piece.slot_mapping, piece.context_lens, piece.block_tables))
+    assert piece.context_lens.tolist() == [3, 4, 5, 6] and piece.block_tables[0].tolist() == [6, 7]
+
+
 # -- fused all-reduce + residual add + RMSNorm ------------------------------------------------------------
 def _fused_inputs(world: int, n: int, hidden: int, dtype, g, norm: bool):
     """One [n, hidden] partial sum per simulated rank, a residual, and an RMSNorm layer (None without norm)."""

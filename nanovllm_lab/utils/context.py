@@ -12,6 +12,19 @@ from dataclasses import dataclass, field, replace
 import torch
 
 
+def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` if its data starts on a 16-byte boundary, else a fresh copy (which does). A micro-batch's slice of the
+    step's slot mapping or block tables starts wherever its first token or sequence falls; Triton specialises
+    every pointer argument on 16-byte alignment, so the first slice at an odd offset made the kernels that read
+    it (store_kv, the attention kernels) compile a second variant in the middle of a timed step (suspected in
+    session 12's bench: a step 68 ms slower than blocking's, whose second micro-batch's int32 slot mapping
+    started at element 5878, byte 23512). The copies are tens of KB at most; under graph capture they come from
+    the graph's pool, at fixed addresses."""
+    if t is None or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
 @dataclass
 class AttentionContext:
     """Metadata describing where each token's K/V goes and what it attends to.
@@ -58,18 +71,18 @@ class AttentionContext:
                 cu_seqlens_k=self.cu_seqlens_k[start:end + 1] - k0,
                 max_seqlen_q=max(b - a for a, b in zip(cq, cq[1:])),
                 max_seqlen_k=max(b - a for a, b in zip(ck, ck[1:])),
-                slot_mapping=self.slot_mapping[q0:q1],
-                context_lens=None if self.context_lens is None else self.context_lens[start:end],
-                block_tables=None if self.block_tables is None else self.block_tables[start:end],
-                seq_tables=None if self.seq_tables is None else self.seq_tables[start:end],
+                slot_mapping=aligned(self.slot_mapping[q0:q1]),
+                context_lens=None if self.context_lens is None else aligned(self.context_lens[start:end]),
+                block_tables=None if self.block_tables is None else aligned(self.block_tables[start:end]),
+                seq_tables=None if self.seq_tables is None else aligned(self.seq_tables[start:end]),
                 cu_seqlens_q_host=cq,
                 cu_seqlens_k_host=ck,
             )
         return replace(
             self,
-            slot_mapping=self.slot_mapping[start:end],
-            context_lens=self.context_lens[start:end],
-            block_tables=self.block_tables[start:end],
+            slot_mapping=aligned(self.slot_mapping[start:end]),
+            context_lens=aligned(self.context_lens[start:end]),
+            block_tables=aligned(self.block_tables[start:end]),
         )
 
     def token_range(self, start: int, end: int) -> tuple[int, int]:
@@ -112,9 +125,9 @@ class AttentionContext:
             cu_seqlens_k=torch.cat([torch.zeros_like(dev_k[:1]), dev_k.cumsum(0).to(dev_k.dtype)]),
             max_seqlen_q=max(b - a for a, b in zip(q, q[1:])),
             max_seqlen_k=max(b - a for a, b in zip(k, k[1:])),
-            slot_mapping=self.slot_mapping[t0:t1],
-            block_tables=None if tables is None else tables[s:e],
-            seq_tables=None if self.seq_tables is None else self.seq_tables[s:e],
+            slot_mapping=aligned(self.slot_mapping[t0:t1]),
+            block_tables=None if tables is None else aligned(tables[s:e]),
+            seq_tables=None if self.seq_tables is None else aligned(self.seq_tables[s:e]),
             cu_seqlens_q_host=q,
             cu_seqlens_k_host=k,
         )
