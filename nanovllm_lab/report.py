@@ -57,21 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_table(rep, root: Path, path: Path, card: str | None) -> int:
-    from nanovllm_lab.comm.overlap_write import write_table
-    from nanovllm_lab.lab.compare import overlap_rows_from_steps
-    from nanovllm_lab.lab.results import find_run_dirs, read_json
-    if rep.steps.empty or not (rep.steps["strategy"] == "blocking").any():
-        print(f"error: --write-table needs decode/prefill step sweeps with a blocking run under {root}",
-              file=sys.stderr)
-        return 1
-    if card is None:  # the card the steps were measured on; cpu runs have none (a '*' entry)
-        cards = {g for d in find_run_dirs(root) if (d / "env.json").exists()
-                 for g in (read_json(d / "env.json").get("gpus") or [])[:1]}
-        if len(cards) > 1:
-            print(f"error: runs from several cards under {root} ({sorted(cards)}); pass --card", file=sys.stderr)
-            return 2
-        card = next(iter(cards), None)
-    write_table(overlap_rows_from_steps(rep.steps), str(path), card=card)
+    from nanovllm_lab.lab.tuning import TuningError, write_table_from_sweep
+    try:
+        card = write_table_from_sweep(root, path, card=card, steps=rep.steps)
+    except TuningError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     print(f"overlap table: {path} (card {card or '*'})")
     return 0
 

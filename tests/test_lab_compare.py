@@ -253,3 +253,41 @@ def test_report_splits_traced_steps_by_size(tmp_path):
     assert t.loc[(16384, "async_rsag_ce"), "span_ms"] == 212.5 and t.loc[(16384, "none_mb"), "gemm_ms"] == 150.0
     assert "nccl_ms" not in t  # a class that never ran is left out
     assert "## Traced steps by size" in write_report(rep, tmp_path / "r.md").read_text()
+
+
+def _step_sweep(root, lat: dict, card: str | None = None) -> None:
+    """A decode sweep on disk: one run dir per strategy with its summary, steps (three per size) and env."""
+    import json
+    for i, (strategy, by_size) in enumerate(lat.items()):
+        d = root / f"{i}_{strategy}_tp2"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(dict(status="ok", workload="decode", model="qwen3-8b", tp=2,
+                                                        strategy=strategy, strategy_params={})))
+        (d / "env.json").write_text(json.dumps({"gpus": [card] if card else []}))
+        pd.DataFrame([dict(workload="decode", model="qwen3-8b", tp=2, strategy=strategy, phase="decode",
+                           num_tokens=n, latency_ms=t + dt, warmup=False)
+                      for n, t in by_size.items() for dt in (-0.05, 0.0, 0.05)]).to_parquet(d / "steps.parquet")
+
+
+def test_multirun_end_writes_the_overlap_table(tmp_path, caplog):
+    """With `overlap_table` set (the overlap_tuning study), the sweep-end callback writes overlap's table from the
+    sweep's steps, for the sweep's card; a sweep without a blocking run writes none and says why."""
+    from omegaconf import OmegaConf
+
+    from nanovllm_lab.comm.overlap import load_table
+    from nanovllm_lab.lab.runner import SweepEndCallback
+    sweep, table = tmp_path / "sweep", tmp_path / "tables" / "overlap.json"
+    _step_sweep(sweep, {"blocking": {8: 10.0, 128: 20.0}, "none": {8: 8.0, 128: 16.0},
+                        "symm_norm": {8: 9.0, 128: 17.0}}, card="NVIDIA H200")
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "overlap_table": str(table)})
+    SweepEndCallback().on_multirun_end(cfg)
+    entry = load_table(str(table))["entries"][0]
+    assert (entry["model"], entry["tp"], entry["card"]) == ("qwen3-8b", 2, "NVIDIA H200")
+    assert [c["strategy"] for c in entry["rules"]["decode"][0]["choices"]] == ["symm_norm", "blocking"]
+    assert not list(table.parent.glob("*.tmp*"))  # written whole, through a temporary file
+
+    no_ref, other = tmp_path / "no_ref", tmp_path / "other.json"
+    _step_sweep(no_ref, {"none": {8: 8.0}, "symm_norm": {8: 9.0}})
+    SweepEndCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(no_ref)}},
+                                                         "overlap_table": str(other)}))
+    assert not other.exists() and "needs decode/prefill step sweeps with a blocking run" in caplog.text

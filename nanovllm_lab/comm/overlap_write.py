@@ -102,7 +102,13 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
         table["entries"] = [e for e in table["entries"] if _entry_key(e) != (arch, tp, c)]
         table["entries"].insert(0, entry)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
-    load_table(path)  # what was written must load
+    tmp = f"{path}.tmp{os.getpid()}"  # written whole and checked before it replaces the table: never half a file
+    try:
+        with open(tmp, "w") as f:
+            json.dump(table, f, indent=1)
+        load_table(tmp)  # what was written must load
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return table

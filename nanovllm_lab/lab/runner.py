@@ -216,3 +216,12 @@ class SweepEndCallback(Callback):
             print_step_summary(step_table(results.load_steps(sweep_dir), summaries),
                                "step latency ms p50 (overlap efficiency) per size")
         print(f"sweep {sweep_dir}: {LAST_SWEEP.ok} ok, {LAST_SWEEP.failed} failed")
+        table = OmegaConf.select(config, "overlap_table")
+        if table and sweep_dir.exists():  # the overlap_tuning study: the table in the same command
+            from nanovllm_lab.lab.tuning import TuningError, write_table_from_sweep
+            try:
+                card = write_table_from_sweep(sweep_dir, table)
+                print(f"overlap table: {table} (card {card or '*'}); use it with "
+                      f"+strategy=overlap strategy.table={table}")
+            except TuningError as e:  # the sweep's own results stay; the table is what could not be made
+                log.error("no overlap table written: %s", e)

@@ -195,6 +195,8 @@ class LabConfig:
     progress: bool = True
     results_dir: str = "results"
     tag: str = "sweep"              # names sweep directories; experiments set their own
+    # After a multirun: write `overlap`'s table from its decode/prefill steps to this path (lab/tuning.py)
+    overlap_table: Optional[str] = None
 
 
 WORKLOAD_SCHEMAS: dict[str, type[WorkloadSchema]] = {
