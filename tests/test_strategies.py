@@ -674,8 +674,8 @@ def test_tokens_split_cuts_prompts_and_seq_tokens_does_not(reference, monkeypatc
 def test_async_rsag_reduces_the_embedding_per_micro_batch(spec, reference):
     """Step by step on rank 0: a micro-batched step issues no all-reduce at all, the embedding's included (it is
     each micro-batch's first reduction: async_rsag reduce-scatters 2 L + 1 times per micro-batch, async_rsag_ce
-    copies 2 L times through its slots, all but the stack's last); a step that does not micro-batch (decode and a
-    prefix-cached prefill below min_tokens) all-reduces the embedding once before its blocking loop's 2 L."""
+    moves all 2 L + 1 through its slots and issues no collective); a step that does not micro-batch (decode and
+    a prefix-cached prefill below min_tokens) all-reduces the embedding once before its blocking loop's 2 L."""
     from nanovllm_lab.models.arch import BUILTIN_ARCHS
     from nanovllm_lab.utils.context import get_context
     two_l = 2 * BUILTIN_ARCHS["tiny"].num_hidden_layers
@@ -709,8 +709,8 @@ def test_async_rsag_reduces_the_embedding_per_micro_batch(spec, reference):
     ce = spec["name"] == "async_rsag_ce"
     for st in split:
         m = st["mbs"]
-        want = {"mbs": m, "embedding": 0, "all_reduce": 0, "reduce_scatter": m if ce else m * (two_l + 1),
-                "copies": m * two_l if ce else 0}
+        want = {"mbs": m, "embedding": 0, "all_reduce": 0, "reduce_scatter": 0 if ce else m * (two_l + 1),
+                "copies": m * (two_l + 1) if ce else 0}
         assert st == want, steps
     for st in whole:
         assert st == {"mbs": 0, "embedding": 1, "all_reduce": two_l, "reduce_scatter": 0, "copies": 0}, steps
@@ -785,7 +785,7 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
     the gathered normed rows and each rank's residual shard must equal the reference (the sum of both partial
     GEMMs, + residual, RMSNorm), at odd and even token counts and across slots. Some reductions are the
     embedding's (each rank's partial lookup copied into its slot, no residual): there the residual shard is the
-    sum's shard and the rows are its RMSNorm. Stream ordering is the GPU tests' part; this checks the indexing
+    sum's shard and the rows are its RMSNorm. Some are a stack's last (no norm): the rows are residual + sum. Stream ordering is the GPU tests' part; this checks the indexing
     that only the device path runs."""
     import dataclasses
     import threading
@@ -814,6 +814,7 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
     w = [torch.randn(hidden, 6, generator=g) for _ in range(world)]
     resid = [torch.randn(n, hidden, generator=g) for n in sizes]
     embedding = {1, 4, 5}  # these reductions are the embedding's: ys are the ranks' partial lookups
+    last = {2, 6}  # these are a stack's last (no norm): the rows are residual + sum, the model gets a zero residual
     ys = [[torch.randn(n, hidden, generator=g) for _ in range(world)] for n in sizes]
     norm = RMSNorm(hidden, 1e-6)
     norm.weight.data = torch.rand(hidden, generator=g) + 0.5
@@ -833,7 +834,11 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
             else:
                 mb.residual = token_shard(resid[j], r, world)
                 partial = s.row_parallel(xs[j][r], w[r], None)
-                assert s._reduce(mb, partial, norm) is None
+                res = s._reduce(mb, partial, None if j in last else norm)
+                if j in last:
+                    assert res.shape == (n, hidden) and not res.any()
+                else:
+                    assert res is None
             got[r, j] = (mb.inp.clone(), mb.residual.clone())
         got[r, "copies"] = s.copies
 
@@ -849,7 +854,7 @@ def test_async_rsag_ce_device_path_indexing_in_threads(monkeypatch):
             want_h, want_res = norm(total), total
         else:
             total = sum(xs[j][r] @ w[r].t() for r in range(world))
-            want_h, want_res = norm(total, resid[j].clone())
+            want_h, want_res = (total + resid[j], resid[j]) if j in last else norm(total, resid[j].clone())
         for r in range(world):
             h, res = got[r, j]
             rows = res.shape[0]

@@ -19,7 +19,8 @@ Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil
   residual shard and normalises, writing the normed shard straight into r's rows of slot k % S of the
   symmetric gather buffer G (`norm_programs` caps that kernel's grid); a barrier (every shard written); one
   copy per peer of the peer's rows of G; event E_k. The micro-batch's next half waits for E_k and reads G's slot.
-- the stack's last reduction (no norm after it) takes async_rsag's NCCL path.
+- the stack's last reduction (no norm after it) gathers residual + sum instead of the normed shard, and hands
+  the model's final norm a zero residual (it adds nothing, so the same bits are normalised).
 - each micro-batch's first reduction is the embedding's (async_rsag.py says why): the compute stream copies the
   micro-batch's rows of the masked lookup into the P slot, and the reduced shard, with no residual to add,
   becomes the residual stream (the fused kernel makes the sum alone, the first layer's input norm follows it).
@@ -127,24 +128,28 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
         super()._reduce_embedding(mb, partial, norm)
 
     def _reduce(self, mb, partial: torch.Tensor, norm) -> torch.Tensor | None:
+        """As async_rsag's: norm=None is the stack's last reduction. Through the slots it gathers residual + sum
+        (rounded as RMSNorm's own add rounds it) and returns a zero residual, so the model's final norm adds
+        nothing and normalises the same bits; one gather instead of async_rsag's two."""
         k, self._slot_k = self._slot_k, None
-        if k is None or norm is None:  # a plain tensor, or the stack's last reduction: async_rsag's NCCL path
-            res = super()._reduce(mb, partial, norm)
-            if k is not None and mb.ready is not None:
-                self._events[k] = mb.ready  # the slot is free once that path has read it
-            return res
+        if k is None:  # a plain tensor (no slot): async_rsag's NCCL path
+            return super()._reduce(mb, partial, norm)
         self.copies += 1
         world, r, s = self.world_size, self.rank, k % self.num_slots
         rows = shard_rows(mb.n, world)
         lo, hi = r * rows, (r + 1) * rows
+        # Allocated on the compute stream, which reads it (the model's final norm), before the side work.
+        zero_residual = None if norm is not None else partial.new_zeros(mb.n, partial.shape[1])
         if self.stream is None:  # emulate: every rank's slot rows by an all-gather
             mine = self.partials[0][s, :rows * world]
             full = mine.new_empty(world * mine.shape[0], mine.shape[1])
             dist.all_gather_into_tensor(full, mine)
             full = full.view(world, *mine.shape)
             shard, mb.residual = self._sum_add_norm([full[q, lo:hi] for q in range(world)], mb.residual, norm)
+            if norm is None:
+                shard = shard + mb.residual
             mb.inp = all_gather_rows(shard, mb.n, world)
-            return None
+            return zero_residual
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -157,8 +162,10 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
                     parts.append(self.scratch[s, i, :rows].copy_(self.partials[q][s, lo:hi]))
                     i += 1
             # The normed shard is written straight into r's rows of the gather slot (no copy after the kernel).
-            _, mb.residual = self._sum_add_norm(parts, mb.residual, norm, out=self.gathers[r][s, lo:hi],
-                                                programs=self.cfg.norm_programs)
+            mine = self.gathers[r][s, lo:hi]
+            _, mb.residual = self._sum_add_norm(parts, mb.residual, norm, out=mine, programs=self.cfg.norm_programs)
+            if norm is None:  # the last reduction: residual + sum, one rounding (as RMSNorm's add does)
+                mine.add_(mb.residual)
             self.barrier()
             for q in range(world):
                 if q != r:
@@ -168,7 +175,7 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
         self._events[k] = mb.ready = ev
         mb.keep = None
         mb.inp = self.gathers[r][s, :mb.n]
-        return None
+        return zero_residual
 
     # -- the stack -----------------------------------------------------------------------------------------
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):
