@@ -311,11 +311,12 @@ def test_overlap_forwards_column_parallel_to_async_tp(reference, tmp_path):
     assert got["collectives"].get("all_reduce", 0) < reference["collectives"]["all_reduce"]
 
 
-@pytest.mark.parametrize("table", ["overlap_async_ce_table.json", "overlap_lamport_table.json"])
+@pytest.mark.parametrize("table", ["overlap_async_ce_table.json", "overlap_lamport_table.json",
+                                   "overlap_rsag_ce_table.json"])
 def test_overlap_skips_symmetric_memory_delegates_where_they_cannot_run(reference, table):
-    """The bench's table shape (symm_norm for decode, async_ce for prefill) and the lamport_norm / symm_norm
-    switching table (tests/data): on gloo none of them can run, so overlap runs blocking throughout instead of
-    failing."""
+    """The bench's table shapes (symm_norm for decode, async_ce or async_rsag_ce for prefill) and the
+    lamport_norm / symm_norm switching table (tests/data): on gloo none of them can run, so overlap runs blocking
+    throughout instead of failing."""
     got = run_scenario({"name": "overlap", "table": os.path.join(os.path.dirname(__file__), "data", table)})
     assert_same(got, reference, f"overlap with {table} on gloo")
     assert set(got["history"].values()) == {"blocking"}, got["history"]
@@ -746,6 +747,32 @@ def test_overlap_hands_the_embedding_to_its_micro_batching_delegate(tmp_path, re
     assert "async_rsag_ce" in history.values() and "blocking" in history.values(), history
     assert marks[0] == 1 and 0 in marks[1:] and 1 in marks[1:], marks
     assert delegate.copies > 0 and not delegate._embed_pending
+
+
+def test_overlap_refuses_an_embedding_and_layers_split_between_delegates(tmp_path, monkeypatch):
+    """If a step's embedding went to one delegate (left unreduced for its micro-batches) and its layers to another,
+    overlap raises a RuntimeError naming both, and the first delegate forgets the pending embedding (a later call of
+    it must not treat a reduced input as its own)."""
+    from nanovllm_lab.comm import build_strategy, resolve_strategy
+    from nanovllm_lab.distributed.parallel import ParallelInfo
+    from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
+    table = {"format": 1, "note": "test", "entries": [{"model": "*", "tp": "*", "card": "*", "rules": {
+        "prefill": [{"max_tokens": None, "choices": [{"strategy": "async_rsag", "params": {"min_tokens": 1}}]}]}}]}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    s = build_strategy(resolve_strategy({"name": "overlap", "table": str(path)}), ParallelInfo(0, 2, "cpu"))
+    rsag = next(d for d in s.delegates.values() if d.name == "async_rsag")
+    s._entry = table["entries"][0]  # resolved, as after a first step
+    set_context(AttentionContext(is_prefill=True, cu_seqlens_q_host=[0, 2, 4], cu_seqlens_k_host=[0, 2, 4]))
+    try:
+        x = torch.ones(4, 8)
+        assert s.reduce_embedding(x) is x and rsag._embed_pending  # left for async_rsag's micro-batches
+        monkeypatch.setattr(s, "choose", lambda *a, **k: s._blocking)  # the layers then go elsewhere
+        with pytest.raises(RuntimeError, match="embedding went to async_rsag but its layers to blocking"):
+            s.run_layers([], torch.arange(4), x)
+        assert not rsag._embed_pending
+    finally:
+        reset_context()
 
 
 def test_async_rsag_pending_embedding_is_reduced_once_and_forgotten(monkeypatch):

@@ -73,6 +73,10 @@ STRATEGIES = {
     # overlap as the bench runs it since session 7: symm_norm for decode, async_ce for prefill
     "overlap-async_ce": {"name": "overlap", "table": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "data", "overlap_async_ce_table.json")},
+    # overlap as the shipped qwen3-8b tp=2 entry runs prefill since session 12: async_rsag_ce (the embedding
+    # handed to it), symm_norm for decode
+    "overlap-async_rsag_ce": {"name": "overlap", "table": os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "data", "overlap_rsag_ce_table.json")},
 }
 
 
@@ -179,6 +183,8 @@ def test_float32_matches_blocking(key, eager):
         assert {"lamport_norm", "symm_norm"} <= set(got["history"]), got["history"]
     if key == "overlap-async_ce":
         assert {"symm_norm", "async_ce"} <= set(got["history"]), got["history"]
+    if key == "overlap-async_rsag_ce":
+        assert {"symm_norm", "async_rsag_ce"} <= set(got["history"]), got["history"]
     if key.startswith("async_ce"):  # its own path, not the NCCL fallback; with stages="half" the fused norm
         assert got["copies"] > 0 and (got["fused"] > 0) == (key == "async_ce"), (got["copies"], got["fused"])
     if key.startswith("async_rsag_ce"):  # shards through the slots (eager steps and captured decode steps)

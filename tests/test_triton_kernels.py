@@ -338,12 +338,14 @@ def test_sum_add_norm_capped_grid_and_out_buffer_are_bit_identical(programs, nor
 
 def test_sum_add_norm_rejects_a_bad_out_buffer_or_grid():
     bufs = [torch.zeros(4, 8), torch.zeros(4, 8)]
-    with pytest.raises(ValueError, match=r"output must be a contiguous \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"sum_add_norm: the output must be a contiguous \(4, 8\)"):
         sum_add_norm(bufs, None, None, 0.0, out=torch.zeros(3, 8))
     with pytest.raises(ValueError, match="not contiguous"):
         sum_add_norm(bufs, None, None, 0.0, out=torch.zeros(8, 4).t())
     with pytest.raises(ValueError, match="programs must be an int >= 0"):
         sum_add_norm(bufs, None, None, 0.0, programs=-1)
+    with pytest.raises(ValueError, match="programs must be an int >= 0"):
+        sum_add_norm(bufs, None, None, 0.0, programs=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,10 +7,11 @@ Why. In traces of 16384-token prefill steps (2 x H200, qwen3-8b tp=2, results/LO
 compute stream ran 2.9 ms more norm work than none_mb's (its fused kernel reads two partial sums) and lost 5 ms
 of GEMM time beside its copies; async_rsag (NCCL) leaves the norms off the compute stream but its NCCL kernels
 take SMs. This moves the same bytes as async_ce (n/tp rows in, n/tp rows out per peer) with half the norm rows.
-On 2 x H200 (session 12, results/LOG.md; prefill replayed from CUDA graphs, qwen3-8b tp=2) it equals blocking
+On 2 x H200 (session 12, results/LOG.md; prefill replayed from CUDA graphs, qwen3-8b tp=2) it equalled blocking
 in float32, eager and in graphs, and hid 0.67-0.75 / 0.84 / 0.72-0.76 of the communication at 2048 / 8192 /
 16384 tokens (async_ce: 0.37-0.59 / 0.61-0.63 / 0.63-0.72 in the same calls); writing the norm's output straight
-into G (no copy after it) then gave 0.72 / 0.85 / 0.86.
+into G (no copy after it) then gave 0.72 / 0.85 / 0.86, and the embedding per micro-batch 0.68 / 0.84 / 0.80 on
+another lease. The last reduction through the slots (below) came after those runs: CPU-tested only so far.
 
 Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil(n / tp):
 - compute stream: the row-parallel GEMM writes its partial sum into slot k % S of r's symmetric buffer P;

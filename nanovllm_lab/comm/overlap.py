@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(__file__), "tables", "default.json")
 NOT_DELEGATES = ("overlap",)  # itself; the bounds (valid_outputs False: none, none_mb) are left out by delegates()
-SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "lamport_norm", "async_tp")  # need NCCL GPUs with peer access: skipped elsewhere, not an error
+# These need NCCL GPUs with peer access: skipped elsewhere, not an error
+SYMMETRIC_MEMORY = ("symm", "symm_norm", "async_ce", "async_rsag_ce", "lamport_norm", "async_tp")
 
 
 def delegates() -> list[str]:
@@ -224,6 +225,8 @@ class OverlapStrategy(CommStrategy):
         s = self.choose(layers, is_prefill, hidden.shape[0])
         embedded_by, self._embedded_by = self._embedded_by, None
         if embedded_by is not None and embedded_by is not s:  # its unreduced embedding would reach s
+            if hasattr(embedded_by, "_embed_pending"):  # nor may a later call of that delegate take it for its own
+                embedded_by._embed_pending = False
             raise RuntimeError(f"overlap: the step's embedding went to {embedded_by.name} but its layers to {s.name}")
         self.history[("prefill" if is_prefill else "decode", int(hidden.shape[0]))] = s.name
         self._active = s

@@ -173,9 +173,6 @@ def _launch_add_norm(kernel, ptrs, scalars: tuple, residual, weight, eps: float,
     norm = weight is not None
     if out is None:
         out = torch.empty_like(ptrs[0])
-    elif out.shape != ptrs[0].shape or out.dtype != ptrs[0].dtype or not out.is_contiguous():
-        raise ValueError(f"the output must be a contiguous {tuple(ptrs[0].shape)} {ptrs[0].dtype} tensor, got "
-                         f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
     res_out = torch.empty_like(ptrs[0]) if norm else None
     if n:
         ptrs = list(ptrs) + [ptrs[0]] * (MAX_WORLD - len(ptrs))
@@ -195,8 +192,11 @@ def sum_add_norm(bufs: list[torch.Tensor], residual: torch.Tensor | None, weight
     many SMs' share beside a concurrent GEMM instead of spreading over all of them; 0: one program per row."""
     world, n, hidden = _check_bufs("sum_add_norm", bufs)
     _check_norm_args("sum_add_norm", n, hidden, residual, weight)
-    if not isinstance(programs, int) or programs < 0:
+    if not isinstance(programs, int) or isinstance(programs, bool) or programs < 0:
         raise ValueError(f"sum_add_norm: programs must be an int >= 0 (0: one per row), got {programs!r}")
+    if out is not None and (out.shape != (n, hidden) or out.dtype != bufs[0].dtype or not out.is_contiguous()):
+        raise ValueError(f"sum_add_norm: the output must be a contiguous {(n, hidden)} {bufs[0].dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
     return _launch_add_norm(_sum_add_norm_kernel, bufs, (n,), residual, weight, eps, n, hidden,
                             programs=min(n, programs) if programs else n, out=out, WORLD=world)
 
