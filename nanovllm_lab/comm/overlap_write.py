@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from nanovllm_lab.comm.overlap import DEFAULT_TABLE, _choice_key, delegates, load_table
+from nanovllm_lab.lab.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,11 @@ def write_table(rows: list[dict], path: str, card: str | None = None) -> dict:
         entry["source"] = "; ".join(f"{ph}: {src}" for ph, src in sorted(entry["sources"].items()))
         table["entries"] = [e for e in table["entries"] if _entry_key(e) != (arch, tp, c)]
         table["entries"].insert(0, entry)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"  # written whole and checked before it replaces the table: never half a file
-    try:
+
+    def write(tmp: str) -> None:  # checked before it replaces the table: never half a file, nor one that won't load
         with open(tmp, "w") as f:
             json.dump(table, f, indent=1)
-        load_table(tmp)  # what was written must load
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        load_table(tmp)
+
+    atomic_write(path, write)
     return table
