@@ -65,6 +65,12 @@ for stage in $stages; do
                  strategy.table=$BENCH_TABLE
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
+    activation)  # SiLU-and-mul: the Triton kernel (activation_kernel=triton) against the compiled PyTorch version
+             # end to end, prefill steps from graphs and decode steps, each a multirun over the two (ATP: the
+             # tensor-parallel size, default 1, so one GPU will do)
+             stage=activation_prefill lab -m workload=prefill model=$M tp=${ATP:-1} prefill_graphs=4 workload.warmup=2 \
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" activation_kernel=torch,triton
+             stage=activation_decode lab -m workload=decode model=$M tp=${ATP:-1} activation_kernel=torch,triton ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call

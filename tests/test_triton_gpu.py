@@ -189,3 +189,25 @@ def test_two_shot_matches_one_shot_and_rounds_like_torch(world, n, hidden):
     out, res = two_shot_add_norm(sums, residual, weight, 1e-6)
     assert torch.equal(two_sum, exact)
     assert torch.equal(out, one_out) and torch.equal(res, one_res)
+
+
+@pytest.mark.parametrize("n, cols", [(1, 6144), (129, 6144), (2051, 12800)])
+def test_silu_and_mul_rounds_once_and_replays_in_a_graph(n, cols):
+    """The kernel's bf16 output is the float32 SiLU-and-mul rounded once (within one ulp: the GPU's sigmoid need
+    not match torch's to the last float32 bit), eager and from a captured graph."""
+    from nanovllm_lab.kernels.silu_mul import silu_and_mul
+    from nanovllm_lab.layers.activation import silu_and_mul_torch
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    x = torch.randn(n, 2 * cols, device=DEV, generator=g).mul_(4).to(BF16)
+    ref = silu_and_mul_torch(x.float())
+    out = silu_and_mul(x)
+    ulp = ref.abs().to(BF16).float() * 2 ** -7 + 1e-30
+    assert ((out.float() - ref).abs() <= ulp).all()
+    graph_out = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        silu_and_mul(x, out=graph_out)
+    x.copy_(torch.randn(n, 2 * cols, device=DEV, generator=g).to(BF16))
+    graph.replay()
+    torch.testing.assert_close(graph_out, silu_and_mul(x), rtol=0, atol=0)

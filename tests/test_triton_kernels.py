@@ -550,3 +550,37 @@ def test_two_shot_rejects_bad_arguments():
     two_shot_reduce_rows([empty, empty], empty.clone(), 1)  # no rows: nothing to launch, no division by zero
     out, res = two_shot_add_norm([empty, empty], empty, torch.ones(8), 1e-6)
     assert out.shape == res.shape == (0, 8)
+
+
+# -- SiLU-and-mul (kernels/silu_mul.py) against the PyTorch activation it replaces on CUDA ---------------------
+@pytest.mark.parametrize("n, cols", [(1, 8), (5, 100), (1027, 48)])  # 1027: the 4-rows-per-program path with a tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(n, cols, dtype):
+    from nanovllm_lab.kernels.silu_mul import silu_and_mul
+    from nanovllm_lab.layers.activation import silu_and_mul_torch
+
+    g = _gen(7)
+    wide = _randn((n, 2 * cols + 24), dtype, g) * 4  # rows strided: the gate/up halves sit inside wider rows
+    x = wide[:, 24:]
+    ref = silu_and_mul_torch(x.float())
+    out = silu_and_mul(x)
+    assert out.shape == (n, cols) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 rounding of the float32 result (the interpreter truncates rather than rounds)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_silu_and_mul_writes_into_out_and_rejects_bad_shapes():
+    from nanovllm_lab.kernels.silu_mul import silu_and_mul
+    from nanovllm_lab.layers.activation import silu_and_mul_torch
+
+    x = _randn((3, 16), torch.float32, _gen(8))
+    out = torch.full((3, 8), float("nan"))
+    assert silu_and_mul(x, out=out) is out
+    torch.testing.assert_close(out, silu_and_mul_torch(x))
+    with pytest.raises(ValueError, match=r"silu_and_mul needs x of shape \[n, 2I\]"):
+        silu_and_mul(torch.zeros(3, 15))
+    with pytest.raises(ValueError, match=r"out must be \[3, 8\]"):
+        silu_and_mul(x, out=torch.empty(3, 9))
+    assert silu_and_mul(torch.zeros(0, 16)).shape == (0, 8)

@@ -108,6 +108,34 @@ def bench_prefill(tokens: int, num_seqs: int = 1, num_q_heads: int = 32, num_kv_
             "flops": flops, "tflop_per_s": flops / ms / 1e9}
 
 
+def bench_activation(tokens: int, cols: int, impl: str = "triton", dtype: torch.dtype = torch.bfloat16,
+                     cuda_graph: bool = True, device: str = "cuda") -> dict:
+    """Time SiLU-and-mul of the fused gate/up output [tokens, 2 * cols] -> [tokens, cols].
+
+    impl: "triton" (kernels/silu_mul.py), "compiled" (the layer's torch.compile fallback with dynamic shapes,
+    as the engine compiles it) or "eager". The input is the contiguous [tokens, 2 * cols] that the gate/up GEMM
+    writes. bytes = input read + output written. Replayed from a CUDA graph by default: decode-sized inputs
+    would otherwise time the launch.
+    """
+    from nanovllm_lab.kernels.silu_mul import silu_and_mul
+    from nanovllm_lab.layers.activation import silu_and_mul_torch
+
+    x = torch.randn(tokens, 2 * cols, dtype=dtype, device=device)
+    if impl == "triton":
+        fn = lambda: silu_and_mul(x)  # noqa: E731
+    elif impl == "compiled":
+        compiled = torch.compile(silu_and_mul_torch, dynamic=True)
+        fn = lambda: compiled(x)  # noqa: E731
+    elif impl == "eager":
+        fn = lambda: silu_and_mul_torch(x)  # noqa: E731
+    else:
+        raise ValueError(f"bench_activation: impl must be triton, compiled or eager, got {impl!r}")
+    fn()  # compile outside the timed (and captured) region
+    ms = _do_bench(fn, cuda_graph)
+    nbytes = 3 * tokens * cols * x.element_size()
+    return {"tokens": tokens, "cols": cols, "impl": impl, "ms": ms, "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6}
+
+
 def measure_copy_bandwidth(nbytes: int = 2 << 30, device: str = "cuda") -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

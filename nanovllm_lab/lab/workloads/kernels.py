@@ -1,9 +1,10 @@
-"""`kernels`: attention-kernel microbenchmarks against the card's own ceilings, measured in the same run.
+"""`kernels`: kernel microbenchmarks against the card's own ceilings, measured in the same run.
 
 Decode attention (memory bound) as achieved GB/s over the measured device-to-device copy bandwidth, per batch
 x context; prefill attention (compute bound, causal, head dim 128, GQA 32/8) as TFLOP/s over the measured bf16
-matmul rate, per token count. Timing: `triton.testing.do_bench` medians (decode replayed from a CUDA graph).
-Needs CUDA; no engine starts.
+matmul rate, per token count; SiLU-and-mul (the Triton kernel and the compiled PyTorch version it replaces) as
+GB/s over the copy bandwidth, per token count x width. Timing: `triton.testing.do_bench` medians (decode
+attention and SiLU-and-mul replayed from a CUDA graph). Needs CUDA; no engine starts.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class KernelsWorkload(Workload):
         self.need(bool(p.decode_batches) and bool(p.decode_contexts) and min(p.decode_batches + p.decode_contexts) >= 1,
                   "decode_batches and decode_contexts must be non-empty lists of ints >= 1")
         self.need(all(t >= 2 for t in p.prefill_tokens), "prefill_tokens must be ints >= 2")
+        self.need(min(p.activation_tokens + p.activation_cols, default=1) >= 1,
+                  "activation_tokens and activation_cols must be ints >= 1")
 
     def run(self, ctx: RunContext) -> WorkloadResult:
         import torch
@@ -43,9 +46,18 @@ class KernelsWorkload(Workload):
             for t in p.prefill_tokens:
                 r = bench.bench_prefill(t, num_seqs=1, head_dim=128)
                 rows.append({"kernel": "prefill", **r, "of_ceiling": r["tflop_per_s"] / mm_tflops})
+            for c in p.activation_cols:
+                for t in p.activation_tokens:
+                    for impl in ("triton", "compiled"):
+                        r = bench.bench_activation(t, c, impl)
+                        rows.append({"kernel": "silu_mul", **r, "of_ceiling": r["gb_per_s"] / copy_gbs})
         for r in rows:
-            what = (f"B={r['batch']:4d} ctx={r['context']:5d} {r['gb_per_s']:7.0f} GB/s" if r["kernel"] == "decode"
-                    else f"tokens={r['tokens']:6d} {r['tflop_per_s']:6.1f} TFLOP/s")
+            if r["kernel"] == "decode":
+                what = f"B={r['batch']:4d} ctx={r['context']:5d} {r['gb_per_s']:7.0f} GB/s"
+            elif r["kernel"] == "silu_mul":
+                what = f"{r['impl']:8s} tokens={r['tokens']:6d} I={r['cols']:5d} {r['gb_per_s']:7.0f} GB/s"
+            else:
+                what = f"tokens={r['tokens']:6d} {r['tflop_per_s']:6.1f} TFLOP/s"
             print(f"{r['kernel']:8s} {what}  {100 * r['of_ceiling']:5.1f}% of ceiling")
         metrics = {"copy_bandwidth_gbs": copy_gbs, "matmul_tflops": mm_tflops, "kernel_rows": rows}
         return WorkloadResult(metrics=metrics)
