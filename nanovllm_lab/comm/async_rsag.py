@@ -70,6 +70,16 @@ class _MicroBatch:
             self.ready = self.keep = None
 
 
+def final_residual(last: list, rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The residual for the model's final norm from the micro-batches' last reductions (`last`, in order; `rows`
+    their gathered rows). None where every one added its residual into its rows already (async_rsag_ce's slots);
+    where only some did (a micro-batch too large for the slots took the NCCL path), zeros stand in for theirs:
+    adding zero leaves the rows' bits as they are."""
+    if all(res is None for res in last):
+        return None
+    return torch.cat([res if res is not None else torch.zeros_like(r) for res, r in zip(last, rows)])
+
+
 @register_strategy("async_rsag", AsyncRsAgConfig)
 class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
     def __init__(self, cfg: AsyncRsAgConfig, info) -> None:
@@ -132,7 +142,7 @@ class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
                 mb.inp = layers[0].input_layernorm(hidden[t0:t1])
                 mb.residual = token_shard(hidden[t0:t1], self.rank, self.world_size)
             mbs.append(mb)
-        residuals: list[torch.Tensor] = []
+        last: list[torch.Tensor | None] = []  # per micro-batch, what its last reduction returned
         # Where hidden came reduced, the first residual shards come from the compute stream (a padded copy when a
         # micro-batch's token count is not a multiple of tp). Each is replaced by the communication stream's first
         # add + norm as soon as that is *queued*, so without this reference its memory went back to the compute
@@ -158,8 +168,8 @@ class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
                         else:
                             partial = layer.mlp(mb.inp)
                         res = self._reduce(mb, partial, norm)
-                        if res is not None:
-                            residuals.append(res)
+                        if norm is None:
+                            last.append(res)
             for mb in mbs:
                 mb.wait()
         finally:
@@ -167,4 +177,4 @@ class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
             if self.stream is not None:  # inside graph capture the side stream must merge back
                 torch.cuda.current_stream(self.device).wait_stream(self.stream)
             set_context(ctx)
-        return torch.cat([mb.inp for mb in mbs]), torch.cat(residuals)
+        return torch.cat([mb.inp for mb in mbs]), final_residual(last, [mb.inp for mb in mbs])

@@ -21,7 +21,7 @@ Reduction k (any micro-batch) on rank r, n rows in token shards of `rows` = ceil
   symmetric gather buffer G (`norm_programs` caps that kernel's grid); a barrier (every shard written); one
   copy per peer of the peer's rows of G; event E_k. The micro-batch's next half waits for E_k and reads G's slot.
 - the stack's last reduction (no norm after it) gathers residual + sum instead of the normed shard, and hands
-  the model's final norm a zero residual (it adds nothing, so the same bits are normalised).
+  the model's final norm no residual (None: it normalises the gathered rows alone, the same bits).
 - each micro-batch's first reduction is the embedding's (async_rsag.py says why): the compute stream copies the
   micro-batch's rows of the masked lookup into the P slot, and the reduced shard, with no residual to add,
   becomes the residual stream (the fused kernel makes the sum alone, the first layer's input norm follows it).
@@ -130,8 +130,9 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
 
     def _reduce(self, mb, partial: torch.Tensor, norm) -> torch.Tensor | None:
         """As async_rsag's: norm=None is the stack's last reduction. Through the slots it gathers residual + sum
-        (rounded as RMSNorm's own add rounds it) and returns a zero residual, so the model's final norm adds
-        nothing and normalises the same bits; one gather instead of async_rsag's two."""
+        (rounded as RMSNorm's own add rounds it) and returns None: the residual is in the rows already, so the
+        model's final norm normalises them alone (comm/base.py run_layers); one gather instead of async_rsag's
+        two, and no zero residual to allocate, gather and add."""
         k, self._slot_k = self._slot_k, None
         if k is None:  # a plain tensor (no slot): async_rsag's NCCL path
             return super()._reduce(mb, partial, norm)
@@ -139,8 +140,6 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
         world, r, s = self.world_size, self.rank, k % self.num_slots
         rows = shard_rows(mb.n, world)
         lo, hi = r * rows, (r + 1) * rows
-        # Allocated on the compute stream, which reads it (the model's final norm), before the side work.
-        zero_residual = None if norm is not None else partial.new_zeros(mb.n, partial.shape[1])
         if self.stream is None:  # emulate: every rank's slot rows by an all-gather
             mine = self.partials[0][s, :rows * world]
             full = mine.new_empty(world * mine.shape[0], mine.shape[1])
@@ -150,7 +149,7 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
             if norm is None:
                 shard = shard + mb.residual
             mb.inp = all_gather_rows(shard, mb.n, world)
-            return zero_residual
+            return None
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -176,7 +175,7 @@ class AsyncRsAgCeStrategy(CopyEngineSlots, AsyncRsAgStrategy):
         self._events[k] = mb.ready = ev
         mb.keep = None
         mb.inp = self.gathers[r][s, :mb.n]
-        return zero_residual
+        return None
 
     # -- the stack -----------------------------------------------------------------------------------------
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor):

@@ -136,8 +136,11 @@ class CommStrategy:
         return out.view(self.world_size, *logits.shape).permute(1, 0, 2).reshape(logits.shape[0], -1)
 
     # -- the decoder stack -------------------------------------------------------------------------
-    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder layers in order; micro-batching strategies interleave several batches here."""
+    def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the decoder layers in order; micro-batching strategies interleave several batches here.
+        Returns (hidden, residual) for the model's final norm; residual is None where the strategy's last
+        reduction already added it into hidden (async_rsag_ce's), and the final norm then normalises hidden alone."""
         residual = None
         for layer in layers:
             hidden, residual = layer(positions, hidden, residual)

@@ -91,6 +91,8 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         hidden, residual = get_comm().run_layers(self.layers, positions, hidden)
+        if residual is None:  # the strategy's last reduction added it already (comm/base.py run_layers)
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
