@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from nanovllm_lab.layers.activation import ACTIVATION_KERNELS
 from nanovllm_lab.models.arch import ModelArch, load_arch
+from nanovllm_lab.utils.compile import ELEMENTWISE_KERNELS
 
 _DTYPES = {"auto", "float32", "float16", "bfloat16"}
 _LOAD_FORMATS = {"auto", "safetensors", "dummy"}
@@ -31,7 +31,7 @@ class Config:
     enforce_eager: bool = False
     prefill_graphs: int = 0  # cuda graphs of up to N repeated prefill shapes (engine/prefill_graphs.py)
     torch_compile: bool | None = None  # fuse RMSNorm/RoPE/SiLU-mul/sampler (utils/compile.py); None: on for cuda
-    activation_kernel: str = "auto"  # SiLU-and-mul: "triton" (kernels/silu_mul.py), "torch"; auto: triton on cuda
+    elementwise_kernels: str = "auto"  # SiLU-and-mul, q/k norm + RoPE: "triton" or "torch"; auto: triton on cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (engine/overlap.py)
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
@@ -70,8 +70,8 @@ class Config:
         need(self.torch_compile is None or isinstance(self.torch_compile, bool), "torch_compile",
              "must be a bool or None (automatic)")
         need(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
-        need(self.activation_kernel in ACTIVATION_KERNELS, "activation_kernel",
-             f"must be one of {list(ACTIVATION_KERNELS)}")
+        need(self.elementwise_kernels in ELEMENTWISE_KERNELS, "elementwise_kernels",
+             f"must be one of {list(ELEMENTWISE_KERNELS)}")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory or a built-in name")
 
     @classmethod
@@ -102,10 +102,10 @@ class Config:
             raise ValueError(f"Config.tensor_parallel_size={tp} exceeds the {available} {kind} available")
         if cfg.torch_compile is None:  # measured on an H200: decode step 10.7 -> 7.2 ms (results/LOG.md)
             cfg.torch_compile = cfg.device.startswith("cuda")
-        if cfg.activation_kernel == "auto":  # H200: 2.5x the compiled version's bandwidth (kernels/silu_mul.py)
-            cfg.activation_kernel = "triton" if cfg.device.startswith("cuda") else "torch"
-        if cfg.activation_kernel == "triton" and not cfg.device.startswith("cuda"):
-            raise ValueError("Config.activation_kernel='triton' needs a CUDA device; use 'torch' or 'auto' on cpu")
+        if cfg.elementwise_kernels == "auto":  # measured on an H200 (utils/compile.py, results/LOG.md session 13)
+            cfg.elementwise_kernels = "triton" if cfg.device.startswith("cuda") else "torch"
+        if cfg.elementwise_kernels == "triton" and not cfg.device.startswith("cuda"):
+            raise ValueError("Config.elementwise_kernels='triton' needs a CUDA device; use 'torch' or 'auto' on cpu")
         if cfg.load_format == "auto":
             cfg.load_format = "dummy" if arch.builtin else "safetensors"
         if cfg.load_format == "safetensors" and arch.builtin:

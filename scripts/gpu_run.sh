@@ -65,12 +65,12 @@ for stage in $stages; do
                  strategy.table=$BENCH_TABLE
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;
     kernels) lab workload=kernels ;;
-    activation)  # SiLU-and-mul: the Triton kernel (activation_kernel=triton) against the compiled PyTorch version
-             # end to end, prefill steps from graphs and decode steps, each a multirun over the two (ATP: the
-             # tensor-parallel size, default 1, so one GPU will do)
-             stage=activation_prefill lab -m workload=prefill model=$M tp=${ATP:-1} prefill_graphs=4 workload.warmup=2 \
-               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" activation_kernel=torch,triton
-             stage=activation_decode lab -m workload=decode model=$M tp=${ATP:-1} activation_kernel=torch,triton ;;
+    elementwise)  # the Triton elementwise kernels (SiLU-and-mul, q/k norm + RoPE; elementwise_kernels=triton)
+             # against compiled PyTorch end to end, prefill steps from graphs and decode steps, each a multirun
+             # over the two (ATP: the tensor-parallel size, default 1, so one GPU will do)
+             stage=elementwise_prefill lab -m workload=prefill model=$M tp=${ATP:-1} prefill_graphs=4 workload.warmup=2 \
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" elementwise_kernels=torch,triton
+             stage=elementwise_decode lab -m workload=decode model=$M tp=${ATP:-1} elementwise_kernels=torch,triton ;;
     layer)   [ "$ngpu" -ge 2 ] && lab -m workload=layer model=qwen3-8b,qwen3-32b tp=$([ "$ngpu" -ge 4 ] && echo 2,4 || echo 2) ;;
     steps)   [ "$ngpu" -ge 2 ] && lab -m workload=decode,prefill model=$M tp=$TP +strategy=$STEP_STRATEGIES ;;
     decode|prefill)  # the two halves of `steps`, each fits one device call
@@ -120,7 +120,8 @@ for stage in $stages; do
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
              # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once; STEP_ARGS
              # adds overrides, e.g. "prefill_graphs=4 workload.warmup=2": graphs captured before the traced part)
-             [ "$ngpu" -ge 2 ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
+             # (TP=1 runs it on one GPU: where the compute time goes, without communication)
+             [ "$ngpu" -ge "$TP" ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
                workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ${STEP_ARGS:-} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;

@@ -1,4 +1,4 @@
-"""One-off probe (session 13): SiLU-and-mul Triton kernel against the compiled and eager PyTorch versions."""
+"""One-off probe (session 13): the Triton elementwise kernels against compiled and eager PyTorch, 1 GPU."""
 import torch
 from nanovllm_lab.kernels import bench
 from nanovllm_lab.kernels.silu_mul import silu_and_mul
@@ -16,4 +16,11 @@ for cols in (6144, 12288, 12800):
         for impl in ("triton", "compiled", "eager"):
             r = bench.bench_activation(t, cols, impl)
             row.append(f"{impl} {r['ms']*1e3:8.1f}us {r['gb_per_s']:6.0f}GB/s")
-        print(f"I={cols} n={t:6d} | " + " | ".join(row), flush=True)
+        print(f"silu I={cols} n={t:6d} | " + " | ".join(row), flush=True)
+for nq, nk in ((16, 4), (32, 8)):
+    for t in (1, 128, 512, 2048, 8192, 16384):
+        row = []
+        for impl in ("triton", "compiled"):
+            r = bench.bench_qk_norm_rope(t, nq, nk, impl=impl)
+            row.append(f"{impl} {r['ms']*1e3:8.1f}us {r['gb_per_s']:6.0f}GB/s")
+        print(f"qk_norm_rope heads={nq}/{nk} n={t:6d} | " + " | ".join(row), flush=True)

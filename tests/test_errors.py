@@ -58,6 +58,8 @@ def test_unknown_kwarg_names_it(qwen3_dir):
     ({"strategy": "nope"}, "unknown strategy 'nope'; valid: .*blocking"),
     ({"prefill_graphs": -1}, "Config.prefill_graphs: must be an integer >= 0"),
     ({"prefill_graphs": True}, "Config.prefill_graphs"),
+    ({"elementwise_kernels": "cuda"}, r"Config.elementwise_kernels: must be one of \['auto', 'triton', 'torch'\]"),
+    ({"elementwise_kernels": "triton", "device": "cpu"}, "elementwise_kernels='triton' needs a CUDA device"),
 ])
 def test_config_errors(qwen3_dir, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

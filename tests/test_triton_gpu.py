@@ -211,3 +211,29 @@ def test_silu_and_mul_rounds_once_and_replays_in_a_graph(n, cols):
     x.copy_(torch.randn(n, 2 * cols, device=DEV, generator=g).to(BF16))
     graph.replay()
     torch.testing.assert_close(graph_out, silu_and_mul(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n, nq, nk", [(1, 16, 4), (300, 32, 8), (4099, 16, 4)])
+def test_qk_norm_rope_matches_the_eager_path_in_bf16(n, nq, nk):
+    """The fused q/k norm + RoPE kernel against models/qwen3.py's eager operations in bf16 (the GPU rounds as
+    torch does; allowed: one ulp where the float32 rsqrt or sin/cos products differ in their last bits)."""
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm_lab.layers.layernorm import RMSNorm
+    from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+
+    d = 128
+    g = torch.Generator(device=DEV).manual_seed(5)
+    with torch.device(DEV):
+        q_norm, k_norm = RMSNorm(d, 1e-6).to(BF16), RMSNorm(d, 1e-6).to(BF16)
+        rope = RotaryEmbedding(d, 40960, 1e6)
+    q_norm.weight.data = (torch.rand(d, device=DEV, generator=g) + 0.5).to(BF16)
+    k_norm.weight.data = (torch.rand(d, device=DEV, generator=g) + 0.5).to(BF16)
+    qkv = (torch.randn(n, (nq + 2 * nk) * d, device=DEV, generator=g) * 3).to(BF16)
+    positions = torch.randint(0, 40960, (n,), device=DEV, generator=g)
+    q_ref, k_ref, _ = qkv.split([nq * d, nk * d, nk * d], -1)
+    q_ref, k_ref = rope.rotate_qk(positions, q_norm.norm(q_ref.reshape(n, nq, d)), k_norm.norm(k_ref.reshape(n, nk, d)))
+    q, k = qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight, 1e-6, nq, nk, d)
+    for out, ref in ((q, q_ref), (k, k_ref)):
+        err = (out.float() - ref.float()).abs()
+        assert (err <= ref.float().abs() * 2 ** -7 + 1e-6).all(), err.max()
+        assert (err == 0).float().mean() > 0.99  # almost every element bit-identical

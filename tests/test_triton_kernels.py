@@ -584,3 +584,50 @@ def test_silu_and_mul_writes_into_out_and_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"out must be \[3, 8\]"):
         silu_and_mul(x, out=torch.empty(3, 9))
     assert silu_and_mul(torch.zeros(0, 16)).shape == (0, 8)
+
+
+# -- q/k norm + RoPE (kernels/qk_norm_rope.py) against the eager path of models/qwen3.py ----------------------
+def _qk_reference(qkv, positions, q_norm, k_norm, rope, nq, nk, d):
+    q, k, _ = qkv.split([nq * d, nk * d, nk * d], -1)
+    q = q_norm.norm(q.reshape(-1, nq, d))
+    k = k_norm.norm(k.reshape(-1, nk, d))
+    return rope.rotate_qk(positions, q, k)
+
+
+@pytest.mark.parametrize("nq, nk, d", [(4, 2, 16), (6, 1, 8), (2, 2, 64)])  # 6 + 1 heads: a partial head block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_matches_the_eager_path(nq, nk, d, dtype):
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+
+    g = _gen(9)
+    n = 5
+    q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+    q_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    k_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    positions = torch.tensor([0, 3, 17, 63, 5])
+    wide = _randn((n, (nq + 2 * nk) * d + 8), dtype, g) * 3  # strided rows, as a column slice would give
+    qkv = wide[:, :(nq + 2 * nk) * d]
+    want_q, want_k = _qk_reference(qkv, positions, q_norm, k_norm, rope, nq, nk, d)
+    q, k = qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight, 1e-6, nq, nk, d)
+    assert q.shape == (n, nq, d) and k.shape == (n, nk, d) and q.is_contiguous() and k.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
+    else:  # the interpreter truncates to bf16 where the GPU rounds: a few ulps over three roundings
+        torch.testing.assert_close(q.float(), want_q.float(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(k.float(), want_k.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_qk_norm_rope_rejects_bad_inputs():
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+
+    cs, w = torch.zeros(8, 16), torch.ones(16)
+    pos = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"qkv \[T, >= 96\]"):
+        qk_norm_rope(torch.zeros(2, 80), pos, cs, w, w, 1e-6, 4, 2, 16)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        qk_norm_rope(torch.zeros(2, 96), pos, torch.zeros(8, 12), w, w, 1e-6, 6, 2, 12)
+    with pytest.raises(ValueError, match="float32 cos_sin"):
+        qk_norm_rope(torch.zeros(2, 128), pos, cs.half(), w, w, 1e-6, 4, 2, 16)

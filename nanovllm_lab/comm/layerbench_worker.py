@@ -89,12 +89,11 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
     from nanovllm_lab.comm.base import StrategyConfig, build_strategy, resolve_strategy, set_comm
     from nanovllm_lab.comm.interference import kernel_ms
     from nanovllm_lab.distributed.parallel import destroy_distributed, init_distributed
-    from nanovllm_lab.layers.activation import set_activation_kernel
     from nanovllm_lab.layers.attention import Attention
     from nanovllm_lab.layers.linear import RowParallelLinear
     from nanovllm_lab.models.arch import load_arch
     from nanovllm_lab.models.qwen3 import Qwen3DecoderLayer
-    from nanovllm_lab.utils.compile import set_compile
+    from nanovllm_lab.utils.compile import set_compile, set_elementwise_kernels
     from nanovllm_lab.utils.context import reset_context, set_context
     try:
         if job.device == "cpu":  # one share of the cores per rank: oversubscribed OpenMP threads spin for ms
@@ -103,7 +102,7 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
         dev, world = torch.device(info.device), info.world_size
         compiled = dev.type == "cuda" if job.torch_compile is None else job.torch_compile
         set_compile(compiled)
-        set_activation_kernel("triton" if dev.type == "cuda" else "torch")  # as the engine's "auto" resolves
+        set_elementwise_kernels("triton" if dev.type == "cuda" else "torch")  # as the engine's "auto" resolves
         arch = load_arch(job.arch)
         dtype = getattr(torch, job.dtype or (arch.torch_dtype if dev.type == "cuda" else "float32"))
         torch.manual_seed(1234 + rank)

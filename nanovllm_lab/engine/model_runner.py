@@ -24,8 +24,7 @@ from nanovllm_lab.engine.pending import Carry, Pending, StepTimer, step_range
 from nanovllm_lab.layers.attention import Attention
 from nanovllm_lab.layers.sampler import Sampler
 from nanovllm_lab.models.qwen3 import Qwen3ForCausalLM, checkpoint_shapes
-from nanovllm_lab.layers.activation import set_activation_kernel
-from nanovllm_lab.utils.compile import set_compile
+from nanovllm_lab.utils.compile import set_compile, set_elementwise_kernels
 from nanovllm_lab.utils.context import AttentionContext, reset_context, set_context
 from nanovllm_lab.utils.loader import load_dummy, load_safetensors
 
@@ -58,7 +57,7 @@ class ModelRunner:
             self.strategy = build_strategy(config.strategy, self.info)
             set_comm(self.strategy)
             set_compile(config.torch_compile)
-            set_activation_kernel(config.activation_kernel)
+            set_elementwise_kernels(config.elementwise_kernels)
             torch.manual_seed(config.seed)
             prev_dtype = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
@@ -275,5 +274,5 @@ class ModelRunner:
             self.strategy.close()
         set_comm(None)
         set_compile(False)
-        set_activation_kernel("torch")
+        set_elementwise_kernels("torch")
         destroy_distributed()

@@ -136,6 +136,41 @@ def bench_activation(tokens: int, cols: int, impl: str = "triton", dtype: torch.
     return {"tokens": tokens, "cols": cols, "impl": impl, "ms": ms, "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6}
 
 
+def bench_qk_norm_rope(tokens: int, num_q: int = 32, num_kv: int = 8, head_dim: int = 128, impl: str = "triton",
+                       dtype: torch.dtype = torch.bfloat16, cuda_graph: bool = True, device: str = "cuda") -> dict:
+    """Time the attention prologue (per-head q/k RMSNorm + RoPE) on a [tokens, (num_q + 2 num_kv) head_dim] qkv.
+
+    impl: "triton" (kernels/qk_norm_rope.py) or "compiled" (models/qwen3.py's region, torch.compile with
+    dynamic shapes, as the engine compiles it). bytes = q and k read once + written once."""
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm_lab.layers.layernorm import RMSNorm
+    from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+
+    with torch.device(device):
+        q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
+        rope = RotaryEmbedding(head_dim, 40960, 1e6)
+    qkv = torch.randn(tokens, (num_q + 2 * num_kv) * head_dim, dtype=dtype, device=device)
+    positions = torch.randint(0, 40960, (tokens,), device=device)
+    if impl == "triton":
+        fn = lambda: qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight,  # noqa: E731
+                                  q_norm.eps, num_q, num_kv, head_dim)
+    elif impl == "compiled":
+        def region(positions, qkv):
+            q, k, _ = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], -1)
+            q = q_norm.norm(q.reshape(-1, num_q, head_dim))
+            k = k_norm.norm(k.reshape(-1, num_kv, head_dim))
+            return rope.rotate_qk(positions, q, k)
+        compiled = torch.compile(region, dynamic=True)
+        fn = lambda: compiled(positions, qkv)  # noqa: E731
+    else:
+        raise ValueError(f"bench_qk_norm_rope: impl must be triton or compiled, got {impl!r}")
+    fn()  # compile outside the timed (and captured) region
+    ms = _do_bench(fn, cuda_graph)
+    nbytes = 2 * tokens * (num_q + num_kv) * head_dim * qkv.element_size()
+    return {"tokens": tokens, "cols": (num_q + num_kv) * head_dim, "impl": impl, "ms": ms, "bytes": nbytes,
+            "gb_per_s": nbytes / ms / 1e6}
+
+
 def measure_copy_bandwidth(nbytes: int = 2 << 30, device: str = "cuda") -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

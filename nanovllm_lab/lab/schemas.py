@@ -149,8 +149,8 @@ class KernelsWorkloadSchema(WorkloadSchema):
     decode_contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192])
     prefill_tokens: list[int] = field(default_factory=lambda: [4096, 16384])
     block_size: int = 256
-    # SiLU-and-mul: Triton kernel against the compiled PyTorch version, per token count x width per rank
-    # (6144: qwen3-8b at tp=2; 12800: qwen3-32b at tp=2)
+    # SiLU-and-mul and q/k norm + RoPE: Triton kernels against the compiled PyTorch versions, per token count
+    # (x width per rank for SiLU-and-mul: 6144 is qwen3-8b at tp=2, 12800 qwen3-32b at tp=2)
     activation_tokens: list[int] = field(default_factory=lambda: [128, 2048, 16384])
     activation_cols: list[int] = field(default_factory=lambda: [6144, 12800])
 
@@ -185,7 +185,7 @@ class LabConfig:
     enforce_eager: bool = False
     prefill_graphs: int = 0         # cuda: replay repeated prefill step shapes from CUDA graphs (up to this many)
     torch_compile: Optional[bool] = None  # fuse the small elementwise layers with torch.compile; null: on for cuda
-    activation_kernel: str = "auto"  # SiLU-and-mul: triton (kernels/silu_mul.py) or torch; auto: triton on cuda
+    elementwise_kernels: str = "auto"  # SiLU-and-mul, q/k norm + RoPE: triton or torch; auto: triton on cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (ignore_eos)
     max_model_len: int = 4096
     kvcache_block_size: int = 256

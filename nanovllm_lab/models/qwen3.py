@@ -18,7 +18,7 @@ from nanovllm_lab.layers.layernorm import RMSNorm
 from nanovllm_lab.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
 from nanovllm_lab.models.arch import ModelArch
-from nanovllm_lab.utils.compile import compilable
+from nanovllm_lab.utils.compile import compilable, use_triton
 
 
 class Qwen3Attention(nn.Module):
@@ -34,10 +34,18 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope_theta)
         self.attn = Attention(self.num_heads, a.head_dim, a.head_dim ** -0.5, self.num_kv_heads)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
-        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)  # the same eps as q's: the fused kernel takes one
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qk_norm_rope(positions, self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        if use_triton(qkv):  # one pass over q and k (kernels/qk_norm_rope.py); v stays a view of qkv
+            from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+
+            q, k = qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin, self.q_norm.weight, self.k_norm.weight,
+                                self.q_norm.eps, self.num_heads, self.num_kv_heads, self.head_dim)
+            v = qkv[:, self.q_size + self.kv_size:]
+        else:
+            q, k, v = self._qk_norm_rope(positions, qkv)
         return self.o_proj(self.attn(q, k, v))
 
     @compilable

@@ -2,8 +2,8 @@
 
 Decode attention (memory bound) as achieved GB/s over the measured device-to-device copy bandwidth, per batch
 x context; prefill attention (compute bound, causal, head dim 128, GQA 32/8) as TFLOP/s over the measured bf16
-matmul rate, per token count; SiLU-and-mul (the Triton kernel and the compiled PyTorch version it replaces) as
-GB/s over the copy bandwidth, per token count x width. Timing: `triton.testing.do_bench` medians (decode
+matmul rate, per token count; SiLU-and-mul and the q/k norm + RoPE (the Triton kernels and the compiled PyTorch
+versions they replace) as GB/s over the copy bandwidth, per token count x width. Timing: `triton.testing.do_bench` medians (decode
 attention and SiLU-and-mul replayed from a CUDA graph). Needs CUDA; no engine starts.
 """
 from __future__ import annotations
@@ -51,10 +51,15 @@ class KernelsWorkload(Workload):
                     for impl in ("triton", "compiled"):
                         r = bench.bench_activation(t, c, impl)
                         rows.append({"kernel": "silu_mul", **r, "of_ceiling": r["gb_per_s"] / copy_gbs})
+            for t in p.activation_tokens:  # qwen3-8b's heads at tp=2 (16 q, 4 kv) and tp=1 (32, 8)
+                for heads in ((16, 4), (32, 8)):
+                    for impl in ("triton", "compiled"):
+                        r = bench.bench_qk_norm_rope(t, *heads, impl=impl)
+                        rows.append({"kernel": "qk_norm_rope", **r, "of_ceiling": r["gb_per_s"] / copy_gbs})
         for r in rows:
             if r["kernel"] == "decode":
                 what = f"B={r['batch']:4d} ctx={r['context']:5d} {r['gb_per_s']:7.0f} GB/s"
-            elif r["kernel"] == "silu_mul":
+            elif r["kernel"] in ("silu_mul", "qk_norm_rope"):
                 what = f"{r['impl']:8s} tokens={r['tokens']:6d} I={r['cols']:5d} {r['gb_per_s']:7.0f} GB/s"
             else:
                 what = f"tokens={r['tokens']:6d} {r['tflop_per_s']:6.1f} TFLOP/s"
