@@ -215,8 +215,11 @@ def test_silu_and_mul_rounds_once_and_replays_in_a_graph(n, cols):
 
 @pytest.mark.parametrize("n, nq, nk", [(1, 16, 4), (300, 32, 8), (4099, 16, 4)])
 def test_qk_norm_rope_matches_the_eager_path_in_bf16(n, nq, nk):
-    """The fused q/k norm + RoPE kernel against models/qwen3.py's eager operations in bf16 (the GPU rounds as
-    torch does; allowed: one ulp where the float32 rsqrt or sin/cos products differ in their last bits)."""
+    """The fused q/k norm + RoPE kernel against models/qwen3.py's eager operations in bf16. The GPU rounds as
+    torch does, so almost every element is bit-identical; where the float32 rsqrt differs in its last bit, a
+    normalised element can round one bf16 ulp apart (at most 2**-6 for the |x| < 4 of a normalised head), and
+    RoPE carries that into both rotated halves (x |cos| + |sin| <= 1.42): seen as 2**-7 on an H200, where a
+    tolerance relative to the rotated output failed on a cancelling element."""
     from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
     from nanovllm_lab.layers.layernorm import RMSNorm
     from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
@@ -235,5 +238,5 @@ def test_qk_norm_rope_matches_the_eager_path_in_bf16(n, nq, nk):
     q, k = qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight, 1e-6, nq, nk, d)
     for out, ref in ((q, q_ref), (k, k_ref)):
         err = (out.float() - ref.float()).abs()
-        assert (err <= ref.float().abs() * 2 ** -7 + 1e-6).all(), err.max()
-        assert (err == 0).float().mean() > 0.99  # almost every element bit-identical
+        assert err.max() <= 1.42 * 2 ** -6, err.max()
+        assert (err == 0).float().mean() > 0.99, (err == 0).float().mean()  # almost every element bit-identical
