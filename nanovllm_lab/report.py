@@ -6,7 +6,9 @@
     python -m nanovllm_lab.report results/sweeps/<decode+prefill sweep> --write-table my_table.json
 
 The report holds one row per run (throughput, speedup over blocking, step-latency and TTFT/TPOT medians),
-the failed runs, the step latencies of decode/prefill sweeps and the layer rows per strategy, and PNG figures.
+the failed runs, the step latencies of decode/prefill sweeps (also as a row per size and a column per strategy,
+printed on the console too) and the layer rows per strategy, and PNG figures. Runs that differ in a setting
+other than the strategy (`-m activation_kernel=torch,triton`) are kept apart by their `variant` (lab/compare.py).
 It is logged to wandb (offline) with --wandb, or when the runs themselves were logged with logger=wandb.
 --write-table turns the step latencies into an `overlap` table entry per model, tp and card (use it with
 `+strategy=overlap strategy.table=...`).
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from nanovllm_lab.lab.compare import build_report, log_report_to_wandb, write_report
-from nanovllm_lab.lab.console import print_table
+from nanovllm_lab.lab.console import print_step_summary, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_table(rep.runs, f"{len(rep.runs)} runs under {args.root}")
+    print_step_summary(rep.steps, "step latency ms p50 (overlap efficiency) per size")
     if not rep.failed.empty:
         print_table(rep.failed, f"{len(rep.failed)} failed")
     if args.write_table is not None:

@@ -291,3 +291,145 @@ def test_multirun_end_writes_the_overlap_table(tmp_path, caplog):
     SweepEndCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(no_ref)}},
                                                          "overlap_table": str(other)}))
     assert not other.exists() and "needs decode/prefill step sweeps with a blocking run" in caplog.text
+
+
+# -- variants: runs of one workload, model and tp that differ in an engine setting ------------------------------
+_BASE = ["workload=prefill", "model=qwen3-8b", "tp=2", "prefill_graphs=4", "results_dir=/root/out/lab",
+         "progress=False"]
+
+
+def _variant_sweep() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`-m +strategy=blocking,none,async_ce activation_kernel=torch,triton` (prefill, two sizes), plus an
+    async_ce run with activation_kernel=auto and no blocking or none beside it. Latencies per kernel differ so
+    that pooled references would give other numbers than per-variant ones."""
+    lat = {("blocking", "torch"): {2048: 60.0, 8192: 240.0}, ("none", "torch"): {2048: 40.0, 8192: 160.0},
+           ("async_ce", "torch"): {2048: 50.0, 8192: 220.0},
+           ("blocking", "triton"): {2048: 50.0, 8192: 200.0}, ("none", "triton"): {2048: 30.0, 8192: 120.0},
+           ("async_ce", "triton"): {2048: 35.0, 8192: 180.0},
+           ("async_ce", "auto"): {2048: 45.0, 8192: 190.0}}
+    summaries, steps = [], []
+    for i, ((strategy, kernel), by_size) in enumerate(lat.items()):
+        run = f"{i}_{strategy}_tp2"
+        summaries.append(dict(run=run, status="ok", workload="prefill", model="qwen3-8b", tp=2, strategy=strategy,
+                              strategy_params={}, throughput_tok_s=1e4 / by_size[8192],
+                              prefill_latency_ms_p50=by_size[8192],
+                              overrides=[*_BASE, f"+strategy={strategy}", f"activation_kernel={kernel}"]))
+        steps += [dict(run=run, workload="prefill", model="qwen3-8b", tp=2, strategy=strategy, phase="prefill",
+                       num_tokens=n, latency_ms=t + d, cuda_graph=True, warmup=False)
+                  for n, t in by_size.items() for d in (-0.1, 0.0, 0.1)]
+    return pd.DataFrame(summaries), pd.DataFrame(steps)
+
+
+def test_run_variants_are_the_overrides_a_run_does_not_share():
+    """What tells runs of one group apart, without what the report has columns for (strategy, its params) or
+    what does not change what ran (results_dir, progress, tag, logger, overlap_table); trace stays (it slows the
+    steps). Another group (tp=4) decides its own; a run without recorded overrides gets ""."""
+    from nanovllm_lab.lab.results import run_variants
+    keep = ["workload=decode", "model=m", "results_dir=/x", "progress=False", "overlap_table=/t.json"]
+    rows = [(2, [*keep, "tp=2", "+strategy=blocking", "tag=a", "activation_kernel=torch", "trace=true"]),
+            (2, [*keep, "tp=2", "+strategy=chunked", "strategy.chunks=3", "tag=b", "logger=wandb",
+                 "logger.project=p", "activation_kernel=triton", "trace=true"]),
+            (2, [*keep, "tp=2", "+strategy=none", "tag=c", "activation_kernel=triton", "trace=false",
+                 "torch_compile=false"]),
+            (2, None),
+            (4, [*keep, "tp=4", "activation_kernel=torch"]), (4, [*keep, "tp=4", "activation_kernel=torch"])]
+    summaries = pd.DataFrame([dict(workload="decode", model="m", tp=tp, overrides=o) for tp, o in rows])
+    assert run_variants(summaries).tolist() == [
+        "activation_kernel=torch trace=true", "activation_kernel=triton trace=true",
+        "activation_kernel=triton torch_compile=false trace=false", "", "", ""]
+    assert run_variants(summaries.drop(columns="overrides")).tolist() == [""] * 6
+
+
+def test_step_table_keeps_engine_variants_apart_with_their_own_references():
+    """A sweep over an engine setting with blocking and none per setting: a row per size, strategy and variant,
+    each against the blocking and none of its own variant (pooling both kernels would give
+    (55 - 50) / (55 - 35) = 0.25 and (55 - 35) / 20 = 1.0 at 2048 instead of 0.5 and 0.75). A variant without
+    blocking/none runs (activation_kernel=auto) is measured against the median over the variants, as before."""
+    summaries, steps = _variant_sweep()
+    table = step_table(steps, summaries)
+    t = table.set_index(["num_tokens", "strategy", "variant"])
+    assert len(t) == 14 and t.index.is_unique  # 2 sizes x 7 runs: nothing pooled
+    torch, triton, auto = "activation_kernel=torch", "activation_kernel=triton", "activation_kernel=auto"
+    assert t.loc[(2048, "async_ce", torch), "t_ms"] == 50.0 and t.loc[(2048, "async_ce", triton), "t_ms"] == 35.0
+    assert t.loc[(2048, "async_ce", torch), "t_blocking_ms"] == 60.0
+    assert t.loc[(2048, "async_ce", triton), "t_none_ms"] == 30.0
+    assert math.isclose(t.loc[(2048, "async_ce", torch), "overlap_efficiency"], 0.5)     # (60 - 50) / (60 - 40)
+    assert math.isclose(t.loc[(2048, "async_ce", triton), "overlap_efficiency"], 0.75)   # (50 - 35) / (50 - 30)
+    assert math.isclose(t.loc[(8192, "async_ce", triton), "overlap_efficiency"], 0.25)   # (200 - 180) / 80
+    assert math.isclose(t.loc[(8192, "async_ce", triton), "exposed_comm_ms"], 60.0)
+    assert t.loc[(2048, "blocking", triton), "overlap_efficiency"] == 0.0
+    assert math.isnan(t.loc[(2048, "none", torch), "overlap_efficiency"])
+    # no blocking or none with activation_kernel=auto: the medians over the variants (55 and 35 ms at 2048)
+    assert t.loc[(2048, "async_ce", auto), "t_blocking_ms"] == 55.0
+    assert t.loc[(2048, "async_ce", auto), "t_none_ms"] == 35.0
+    assert math.isclose(t.loc[(2048, "async_ce", auto), "overlap_efficiency"], 0.5)     # (55 - 45) / (55 - 35)
+    # the sweep-end / report table: a column per strategy and variant
+    from nanovllm_lab.lab.console import step_frame
+    wide = step_frame(table).set_index("tokens")
+    assert wide.loc[2048, "async_ce [activation_kernel=torch]"] == "50.000 (0.50)"
+    assert wide.loc[2048, "async_ce [activation_kernel=triton]"] == "35.000 (0.75)"
+    assert wide.loc[2048, "blocking [activation_kernel=triton]"] == "50.000 (0.00)"
+    assert wide.loc[2048, "none [activation_kernel=torch]"] == "40.000"
+    assert "blocking" not in wide and "async_ce" not in wide
+
+
+def test_run_table_shows_the_variant_and_compares_with_its_own_blocking():
+    """The run table: each run's variant, speedup over the blocking run of its own variant (else the group's
+    median blocking), and per-phase efficiency against the blocking and none of its variant."""
+    summaries, _ = _variant_sweep()
+    t = comparison_table(summaries).set_index(["strategy", "variant"])
+    torch, triton, auto = "activation_kernel=torch", "activation_kernel=triton", "activation_kernel=auto"
+    assert math.isclose(t.loc[("async_ce", torch), "speedup_vs_blocking"], 240.0 / 220.0)
+    assert math.isclose(t.loc[("async_ce", triton), "speedup_vs_blocking"], 200.0 / 180.0)
+    assert t.loc[("blocking", triton), "speedup_vs_blocking"] == 1.0  # not against the pooled median
+    pooled = (1 / 240 + 1 / 200) / 2  # the median of the two blocking runs' throughputs (x 1e4)
+    assert math.isclose(t.loc[("async_ce", auto), "speedup_vs_blocking"], (1 / 190) / pooled)
+    assert math.isclose(t.loc[("async_ce", triton), "prefill_step_efficiency"], 0.25)    # (200 - 180) / 80
+    assert math.isclose(t.loc[("async_ce", torch), "overlap_efficiency"], 0.25)          # T = 1 / throughput
+    df = sweep_frame(summaries).set_index("run")  # the sweep-end console table shows it too
+    assert df.loc["3_blocking_tp2", "variant"] == triton
+
+
+def test_results_without_overrides_are_compared_as_before():
+    """summary.json from before `overrides` was recorded: variant "" everywhere, runs of one strategy pooled and
+    the references as they always were."""
+    summaries, steps = _variant_sweep()
+    old = summaries.drop(columns="overrides")
+    t = step_table(steps, old).set_index(["num_tokens", "strategy"])
+    assert set(t["variant"]) == {""} and len(t) == 6
+    assert t.loc[(2048, "blocking"), "t_ms"] == 55.0 and t.loc[(2048, "async_ce"), "t_ms"] == 45.0
+    runs = comparison_table(old)
+    assert set(runs["variant"]) == {""}
+    pooled = (1 / 240 + 1 / 200) / 2
+    assert math.isclose(runs.set_index("run").loc["3_blocking_tp2", "speedup_vs_blocking"], (1 / 200) / pooled)
+    assert "variant" not in sweep_frame(old)  # nothing to tell apart: no column
+    mixed = summaries.astype(object)
+    mixed.loc[0, "overrides"] = float("nan")  # one old run among new ones (a NaN cell from concatenated frames)
+    v = comparison_table(mixed).set_index("run")["variant"]
+    assert v["0_blocking_tp2"] == "" and v["3_blocking_tp2"] == "activation_kernel=triton"
+
+
+def test_report_of_an_engine_setting_sweep_without_none(tmp_path, capsys):
+    """The report on disk of a blocking-only sweep over activation_kernel (results/gpu/2026-11-28m_h200/call2):
+    no efficiency anywhere (no none run) used to crash the step-overlap figure at layout; the per-size table gets
+    a column per kernel."""
+    import json
+
+    from nanovllm_lab.lab.compare import build_report, write_report
+    for i, kernel in enumerate(("torch", "triton")):
+        d = tmp_path / f"{i}_blocking_tp1"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(dict(
+            status="ok", workload="prefill", model="qwen3-8b", tp=1, strategy="blocking", strategy_params={},
+            throughput_tok_s=4e4 + i, overrides=["workload=prefill", "tp=1", f"activation_kernel={kernel}"])))
+        pd.DataFrame([dict(workload="prefill", model="qwen3-8b", tp=1, strategy="blocking", phase="prefill",
+                           num_tokens=n, latency_ms=n / 40 - 10 * i, cuda_graph=True, warmup=False)
+                      for n in (2048, 8192)]).to_parquet(d / "steps.parquet")
+    rep = build_report(tmp_path)
+    assert "step_overlap" not in rep.figures and "latency_vs_tokens" in rep.figures
+    text = write_report(rep, tmp_path / "r.md").read_text()
+    assert "| blocking [activation_kernel=torch] | blocking [activation_kernel=triton] |" in text
+    assert "| 8192 | True | 204.800 | 194.800 |" in text
+    from nanovllm_lab.report import main  # the CLI prints the same per-size table
+    assert main([str(tmp_path), "--out", str(tmp_path / "cli.md")]) == 0
+    assert "blocking [activation_kernel=triton]" in capsys.readouterr().out

@@ -1,13 +1,19 @@
 """The side-by-side report of the runs under a directory: tables and figures, as markdown or HTML.
 
-Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model
-and tp (the median if there are several); where that group also has a `none` run, its overlap efficiency and
+Runs of one workload, model and tp that differ in other settings (a sweep over an engine setting such as
+`activation_kernel=torch,triton`) are told apart by their `variant` (`results.run_variants`: the overrides
+they do not share) and are compared with references of their own variant.
+
+Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model,
+tp and variant (the median if there are several; where the variant has no blocking run, the median of the
+group's blocking runs); where there is also a `none` run (taken the same way), its overlap efficiency and
 exposed communication (share of the run's time) follow the research guide's definitions, end to end and per
 phase (T = the run's median prefill or decode step). Runs at several tp sizes get their throughput as a
 fraction of linear scaling from tp=1. The step table does the same per step size for the `decode` and
-`prefill` workloads: median step latency per strategy (warm-up steps left out), and overlap efficiency and
-exposed communication against the blocking and none runs of the same workload, model, tp and size. Layer rows (the layer workload) add exposed communication and overlap efficiency
-per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
+`prefill` workloads: median step latency per strategy, parameters and variant (warm-up steps left out), and
+overlap efficiency and exposed communication against the blocking and none runs of the same workload, model,
+tp, size and variant (else of any variant). Layer rows (the layer workload) add exposed communication and
+overlap efficiency per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
 """
 from __future__ import annotations
 
@@ -22,14 +28,15 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nanovllm_lab.lab import plots, results
+from nanovllm_lab.lab import console, plots, results
 from nanovllm_lab.lab.trace import KERNEL_CLASSES
 
 log = logging.getLogger(__name__)
 
-RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "device", "throughput_tok_s", "speedup_vs_blocking",
-               "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50", "prefill_step_efficiency",
-               "decode_latency_ms_p50", "decode_step_efficiency", "ttft_ms_p50", "tpot_ms_p50", "valid_outputs"]
+RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "variant", "device", "throughput_tok_s",
+               "speedup_vs_blocking", "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50",
+               "prefill_step_efficiency", "decode_latency_ms_p50", "decode_step_efficiency", "ttft_ms_p50",
+               "tpot_ms_p50", "valid_outputs"]
 _GROUP = ["workload", "model", "tp"]
 
 
@@ -56,18 +63,24 @@ def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -
 
 
 def _group_median(runs: pd.DataFrame, strategy: str, col: str) -> pd.Series:
-    """Per row of `runs` (a RangeIndex): the median `col` of its group's `strategy` runs (NaN where none ran)."""
-    med = runs[runs["strategy"] == strategy].groupby(_GROUP)[col].median().rename("_median").reset_index()
-    return runs[_GROUP].merge(med, on=_GROUP, how="left")["_median"]
+    """Per row of `runs` (a RangeIndex): the median `col` of the `strategy` runs of its group and variant, or
+    where its variant has none (or `runs` no `variant` column), of its whole group; NaN where none ran."""
+    def median(keys: list[str]) -> pd.Series:
+        med = runs[runs["strategy"] == strategy].groupby(keys)[col].median().rename("_median").reset_index()
+        return runs[keys].merge(med, on=keys, how="left")["_median"]
+    whole = median(_GROUP)
+    return median([*_GROUP, "variant"]).fillna(whole) if "variant" in runs else whole
 
 
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
-    """Successful runs with their speedup over the blocking run of the same workload, model and tp."""
+    """Successful runs with their variant and their speedup over the blocking run of the same workload, model,
+    tp and variant (of the group where the variant has no blocking run)."""
     if summaries.empty or "status" not in summaries:
         return pd.DataFrame(columns=RUN_COLUMNS)
     ok = summaries[summaries["status"] == "ok"].reset_index(drop=True)
     if ok.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
+    ok["variant"] = results.run_variants(ok)
     real = ok["strategy"] != "none"
     # The research guide's metrics end to end, where the group has a `none` run (the no-communication bound):
     # time per token T = 1 / throughput; overlap efficiency = (T_blocking - T) / (T_blocking - T_none), exposed
@@ -86,7 +99,8 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
             ok[f"{phase}_step_efficiency"] = overlap_efficiency(
                 ok[col], _group_median(ok, "blocking", col), _group_median(ok, "none", col)).where(real)
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
-    return ok[cols].sort_values(["workload", "model", "tp", "strategy"], kind="stable").reset_index(drop=True)
+    return ok[cols].sort_values(["workload", "model", "tp", "variant", "strategy"],
+                                kind="stable").reset_index(drop=True)
 
 
 def scaling_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -128,7 +142,9 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     latency with p10/p90, and where blocking and none ran too, its overlap efficiency and exposed communication
     (T = the step's median latency); where the steps record it, the median host time to launch a step and its
     share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With
-    the runs' summaries, runs of one strategy with different parameters stay apart (`params`, JSON)."""
+    the runs' summaries, runs of one strategy with different parameters (`params`, JSON) or other settings
+    (`variant`, `results.run_variants`) stay apart, and blocking and none are taken from the row's own variant
+    where it ran them, else as the median over the variants that did."""
     need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
     if steps.empty or not need <= set(steps.columns):
         return pd.DataFrame()
@@ -142,27 +158,39 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     if summaries is not None and {"run", "strategy_params"} <= set(summaries.columns):
         params = {r: json.dumps(p if isinstance(p, dict) else {}, sort_keys=True)
                   for r, p in zip(summaries["run"], summaries["strategy_params"])}
-    s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}")
+    variants = _variants_by_run(summaries)
+    s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}",
+                 variant=s["run"].map(variants).fillna("") if "run" in s else "")
     keys = ["workload", "model", "tp", "phase", "num_tokens"]
     if "cuda_graph" in s:  # graph-replayed and eager steps are compared apart (prefill_graphs=0,4 in one sweep)
         keys.append("cuda_graph")
-    groups = s.groupby([*keys, "strategy", "params"])
+    groups = s.groupby([*keys, "strategy", "params", "variant"])
     g = groups["latency_ms"]
     cols = {"t_ms": g.median(), "t_p10_ms": g.quantile(0.1), "t_p90_ms": g.quantile(0.9), "steps": g.size()}
     if "host_ms" in s:  # runs since session 9
         cols["host_ms"] = groups["host_ms"].median()
     stats = pd.DataFrame(cols).reset_index()
-    ref = stats.groupby([*keys, "strategy"])["t_ms"].median().unstack("strategy")
-    for name in ("blocking", "none"):
-        col = ref[name] if name in ref else pd.Series(math.nan, index=ref.index)
-        stats = stats.merge(col.rename(f"t_{name}_ms").reset_index(), on=keys, how="left")
+    for name in ("blocking", "none"):  # the row's own variant's reference, else the median over the variants
+        ref = stats[stats["strategy"] == name]
+        own = ref.groupby([*keys, "variant"])["t_ms"].median().rename("_own").reset_index()
+        anyv = ref.groupby(keys)["t_ms"].median().rename("_any").reset_index()
+        t = stats[[*keys, "variant"]].merge(own, on=[*keys, "variant"], how="left").merge(anyv, on=keys, how="left")
+        stats[f"t_{name}_ms"] = t["_own"].fillna(t["_any"]).to_numpy()
     real = stats["strategy"] != "none"
     stats["overlap_efficiency"] = overlap_efficiency(stats["t_ms"], stats["t_blocking_ms"],
                                                      stats["t_none_ms"]).where(real)
     stats["exposed_comm_ms"] = (stats["t_ms"] - stats["t_none_ms"]).where(real)
     if "host_ms" in stats:  # near 1: the step waited for the host's launches (host-paced)
         stats["host_share"] = stats["host_ms"] / stats["t_ms"]
-    return stats.sort_values([*keys, "strategy", "params"], kind="stable").reset_index(drop=True)
+    return stats.sort_values([*keys, "variant", "strategy", "params"], kind="stable").reset_index(drop=True)
+
+
+def _variants_by_run(summaries: pd.DataFrame | None) -> dict[str, str]:
+    """run -> its variant among the successful runs of `summaries` ({} without summaries)."""
+    if summaries is None or summaries.empty or "run" not in summaries:
+        return {}
+    ok = summaries[summaries["status"] == "ok"] if "status" in summaries else summaries
+    return dict(zip(ok["run"], results.run_variants(ok)))
 
 
 def overlap_rows_from_steps(table: pd.DataFrame) -> list[dict]:
@@ -182,7 +210,8 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """Per profiled run (trace=true), per step: compute and communication busy time, communication with no compute
     beside it (the trace view of exposed communication), the share of communication that overlapped compute, and
     compute interference: compute busy time over that of the `none` run of the same workload, model and tp,
-    minus one (how much the communication running beside the compute slowed it; NaN without a traced `none`)."""
+    minus one (how much the communication running beside the compute slowed it; NaN without a traced `none`;
+    that of the run's own variant among the traced runs where it has one)."""
     need = {"trace_compute_busy_us_per_step", "strategy", *_GROUP}
     if summaries.empty or not need <= set(summaries.columns):
         return pd.DataFrame()
@@ -192,7 +221,8 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     ok = ok.reset_index(drop=True)
     if ok.empty:
         return pd.DataFrame()
-    out = ok[[c for c in ("run", *_GROUP, "strategy") if c in ok]].copy()
+    ok["variant"] = results.run_variants(ok)
+    out = ok[[c for c in ("run", *_GROUP, "strategy", "variant") if c in ok]].copy()
     for src, dst in _TRACE_MS.items():
         out[dst] = pd.to_numeric(ok.get(src), errors="coerce") / 1e3
     out["trace_concurrency"] = ok.get("trace_concurrency")
@@ -251,6 +281,12 @@ def build_report(root: str | Path) -> Report:
     if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
         step_rows = rep.steps[rep.steps["strategy"] != "none"].rename(
             columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step")
+        step_rows["strategy"] = [console.with_variant(s, v)
+                                 for s, v in zip(step_rows["strategy"], step_rows["variant"])]
+    if not steps.empty and "run" in steps:  # a line per variant in the latency figure too
+        variants = _variants_by_run(summaries)
+        steps = steps.assign(strategy=[console.with_variant(s, variants.get(r, "")) for s, r in
+                                       zip(steps["strategy"], steps["run"])])
     for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
                       ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
                       ("step_overlap", plots.layer_overlap(step_rows)),
@@ -289,6 +325,7 @@ def write_report(rep: Report, out: str | Path) -> Path:
         results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         images[name] = f"{assets.name}/{path.name}"
     sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("TP scaling", rep.scaling),
+                ("Step latency per size: median ms (overlap efficiency)", console.step_frame(rep.steps)),
                 ("Step latencies", rep.steps), ("Traces (per step)", rep.traces),
                 ("Traced steps by size", rep.trace_sizes), ("Layer sweep", rep.layer)]
     if out.suffix == ".md":

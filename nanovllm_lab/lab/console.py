@@ -1,6 +1,8 @@
 """Console tables: a run's summary at its end, a sweep's side by side at the sweep's end.
 
-rich draws them when it is installed; otherwise pandas' to_string.
+rich draws them when it is installed; otherwise pandas' to_string. Runs that differ in a setting other than
+the strategy (a sweep over activation_kernel=torch,triton) show their `variant` (compare / results.run_variants):
+a column of the sweep table, and in the per-size table's column labels (`blocking [activation_kernel=triton]`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 # The columns worth a glance, in reading order; missing ones are skipped.
-SWEEP_COLUMNS = ["run", "status", "workload", "model", "strategy", "tp", "device", "throughput_tok_s",
+SWEEP_COLUMNS = ["run", "status", "workload", "model", "strategy", "variant", "tp", "device", "throughput_tok_s",
                  "overlap_efficiency", "prefill_latency_ms_p50", "decode_latency_ms_p50", "ttft_ms_p50", "tpot_ms_p50", "achieved_over_floor",
                  "valid_outputs", "error_type"]
 RUN_KEYS = ["workload", "model", "strategy", "tp", "device", "dtype", "valid_outputs", "throughput_tok_s",
@@ -46,7 +48,8 @@ def print_table(df: pd.DataFrame, title: str) -> None:
         return
     table = Table(title=title, title_justify="left")
     for col in df.columns:
-        table.add_column(HEADERS.get(str(col), str(col)), overflow="fold", no_wrap=col != "run")
+        # plain text too: a variant's label ("blocking [activation_kernel=triton]") is not markup
+        table.add_column(Text(HEADERS.get(str(col), str(col))), overflow="fold", no_wrap=col != "run")
     for row in df.itertuples(index=False):
         table.add_row(*(Text(_fmt(v)) for v in row))  # plain text: an error message's "[/path]" is not markup
     # A terminal's own width; a pipe or a log file gets a wide fixed one rather than rich's 80 columns.
@@ -62,11 +65,13 @@ def sweep_frame(summaries: pd.DataFrame) -> pd.DataFrame:
     from nanovllm_lab.lab.compare import comparison_table  # overlap efficiency where the sweep has blocking + none
     if "run" in summaries.columns and "overlap_efficiency" not in summaries.columns:
         eff = comparison_table(summaries)
-        if "overlap_efficiency" in eff.columns and eff["overlap_efficiency"].notna().any():
-            summaries = summaries.merge(eff[["run", "overlap_efficiency"]], on="run", how="left")
+        add = [c for c, shown in (("overlap_efficiency", lambda v: v.notna()), ("variant", lambda v: v != ""))
+               if c in eff.columns and c not in summaries.columns and shown(eff[c]).any()]
+        if add:
+            summaries = summaries.merge(eff[["run", *add]], on="run", how="left")
     cols = [c for c in SWEEP_COLUMNS if c in summaries.columns]
     df = summaries[cols]
-    return df.sort_values([c for c in ("workload", "tp", "strategy") if c in df.columns], kind="stable")
+    return df.sort_values([c for c in ("workload", "tp", "variant", "strategy") if c in df.columns], kind="stable")
 
 
 def print_sweep_summary(summaries: pd.DataFrame, title: str) -> None:
@@ -76,8 +81,9 @@ def print_sweep_summary(summaries: pd.DataFrame, title: str) -> None:
     print_table(sweep_frame(summaries), title)
 
 
-def _label(strategy: str, params_json: str) -> str:
-    """`chunked[chunks=3]` for parameters that differ from the strategy's declared defaults, else the name."""
+def _label(strategy: str, params_json: str, variant: str = "") -> str:
+    """`chunked[chunks=3]` for parameters that differ from the strategy's declared defaults, else the name; then
+    the run's variant if it has one: `blocking [activation_kernel=triton]`."""
     import dataclasses
     import json
     from nanovllm_lab.comm import STRATEGIES, resolve_strategy
@@ -91,16 +97,23 @@ def _label(strategy: str, params_json: str) -> str:
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     diff = {k: v for k, v in json.loads(params_json or "{}").items()
             if k not in defaults or norm(defaults[k]) != norm(v)}
-    return strategy + ("[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]" if diff else "")
+    label = strategy + ("[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]" if diff else "")
+    return with_variant(label, variant)
+
+
+def with_variant(label: str, variant: str) -> str:
+    """`blocking [activation_kernel=triton]`: a label with the run's variant, if it has one."""
+    return f"{label} [{variant}]" if variant else label
 
 
 def step_frame(table: pd.DataFrame) -> pd.DataFrame:
     """`compare.step_table` as one row per (workload, model, tp, size, graph) and one column per strategy (with its
-    non-default parameters): "median ms (overlap efficiency)", the per-size answer to how much of the
-    communication a strategy hides."""
+    non-default parameters and its variant): "median ms (overlap efficiency)", the per-size answer to how much of
+    the communication a strategy hides."""
     if table.empty:
         return table
-    t = table.assign(label=[_label(s, p) for s, p in zip(table["strategy"], table["params"])])
+    variants = table["variant"] if "variant" in table else [""] * len(table)
+    t = table.assign(label=[_label(s, p, v) for s, p, v in zip(table["strategy"], table["params"], variants)])
     cell = t["t_ms"].map(lambda v: f"{v:.3f}") + t["overlap_efficiency"].map(
         lambda e: "" if e is None or (isinstance(e, float) and math.isnan(e)) else f" ({e:.2f})")
     index = ["workload", "model", "tp", "num_tokens"] + (["cuda_graph"] if "cuda_graph" in t else [])

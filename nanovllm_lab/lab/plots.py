@@ -40,7 +40,8 @@ def speedup_over_blocking(table: pd.DataFrame) -> Figure | None:
     df = table.dropna(subset=["speedup_vs_blocking"]) if "speedup_vs_blocking" in table else pd.DataFrame()
     if df.empty:
         return None
-    labels = [f"{r.workload}\n{r.strategy} tp{r.tp}" for r in df.itertuples()]
+    labels = [f"{r.workload}\n{r.strategy} tp{r.tp}" + (f"\n{r.variant}" if getattr(r, "variant", "") else "")
+              for r in df.itertuples()]
     fig = Figure(figsize=(max(4.0, 0.8 * len(df)), 4))
     ax = fig.subplots()
     ax.bar(range(len(df)), df["speedup_vs_blocking"], color=["tab:gray" if s == "blocking" else "tab:blue"
@@ -55,7 +56,10 @@ def speedup_over_blocking(table: pd.DataFrame) -> Figure | None:
 
 
 def layer_overlap(layer: pd.DataFrame) -> Figure | None:
-    """Exposed communication and overlap efficiency against tokens, per strategy (layer rows)."""
+    """Exposed communication and overlap efficiency against tokens, per strategy (layer rows). Rows with
+    neither (step rows of a sweep without a `none` run) are left out: None when no row has one."""
+    if not layer.empty:
+        layer = layer.dropna(subset=["exposed_comm_ms", "overlap_efficiency"], how="all")
     if layer.empty:
         return None
     keys = [k for k in ("arch", "tp", "unit", "phase") if k in layer]  # units (layer, row_linear) never mix
@@ -72,8 +76,9 @@ def layer_overlap(layer: pd.DataFrame) -> Figure | None:
         ax_o.set_ylabel("overlap efficiency")
         ax_o.axhline(1.0, color="black", lw=0.6)
         ax_o.axhline(0.0, color="black", lw=0.6)
-        for ax in (ax_e, ax_o):
-            ax.set_xscale("log", base=2)
+        for ax, col in ((ax_e, "exposed_comm_ms"), (ax_o, "overlap_efficiency")):
+            if g[col].notna().any():  # a log axis with no finite point fails at layout
+                ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens")
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)

@@ -9,7 +9,9 @@ A run directory (results/runs/<time>_<strategy>_tp<N>, or results/sweeps/<time>_
     error.json           a failed job's traceback (then no summary.json)
 
 Every file is written to a temporary name and `os.replace`d, so a reader (a notebook watching a sweep) never
-sees half a file. Loaders take any directory above run directories and find them recursively.
+sees half a file. Loaders take any directory above run directories and find them recursively. `run_variants`
+names what set each run apart from the runs it is compared with (summary.json's Hydra `overrides`), so that the
+report keeps a sweep over an engine setting (activation_kernel=torch,triton) apart rather than pooling it.
 """
 from __future__ import annotations
 
@@ -167,3 +169,49 @@ def load_trace_summaries(root: str | os.PathLike) -> pd.DataFrame:
                                           if not isinstance(v, (list, dict))}}
             for d in find_run_dirs(root) if (d / "trace_summary.json").exists()]
     return pd.DataFrame(rows)
+
+
+# -- variants -----------------------------------------------------------------------------------------
+# Override keys that never make a variant: keys the report has columns for already (workload, model, tp; the
+# strategy and its parameters are `strategy` and `strategy_params`), or where and how results are kept rather
+# than what ran. `trace` stays a variant: the profiler slows the steps it times.
+_NOT_VARIANT_KEYS = {"workload", "model", "tp", "strategy", "results_dir", "progress", "tag", "logger",
+                     "overlap_table"}
+_NOT_VARIANT_PREFIXES = ("strategy.", "logger.", "hydra.")
+VARIANT_GROUP = ("workload", "model", "tp")
+
+
+def _variant_overrides(overrides: Any) -> set[str] | None:
+    """The overrides that can make a variant; None where the run recorded none (runs before `overrides`)."""
+    if hasattr(overrides, "tolist"):  # a numpy array (a parquet round trip)
+        overrides = overrides.tolist()
+    if not isinstance(overrides, (list, tuple)):
+        return None
+    keep = set()
+    for o in map(str, overrides):
+        key = o.split("=", 1)[0].lstrip("+~")  # +key=v adds, ++key=v forces, ~key deletes
+        if key not in _NOT_VARIANT_KEYS and not key.startswith(_NOT_VARIANT_PREFIXES):
+            keep.add(o)
+    return keep
+
+
+def run_variants(summaries: pd.DataFrame, group: tuple[str, ...] = VARIANT_GROUP) -> pd.Series:
+    """Per run (row of `summaries`, same index): its variant, the overrides it does not share with every other
+    run of its group (same workload, model and tp), sorted and joined by spaces: "activation_kernel=triton" for
+    one job of `-m activation_kernel=torch,triton`; "" where nothing differs. Overrides the report has columns for
+    (workload, model, tp, +strategy / strategy.*) or that do not change what ran (results_dir, progress, tag,
+    logger, overlap_table) are left out. Runs without recorded `overrides` (older results) get "" and take no
+    part in deciding what the others share. Pass the runs that are compared (the successful ones)."""
+    if summaries.empty or "overrides" not in summaries.columns:
+        return pd.Series("", index=summaries.index, dtype=object)
+    keys = [k for k in group if k in summaries.columns]
+    sets = [_variant_overrides(o) for o in summaries["overrides"]]
+    out = [""] * len(sets)
+    parts = summaries.groupby(keys, dropna=False, sort=False).indices.values() if keys else [range(len(sets))]
+    for positions in parts:
+        known = [sets[i] for i in positions if sets[i] is not None]
+        shared = set.intersection(*known) if known else set()
+        for i in positions:
+            if sets[i] is not None:
+                out[i] = " ".join(sorted(sets[i] - shared))
+    return pd.Series(out, index=summaries.index, dtype=object)
