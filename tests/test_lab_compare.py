@@ -433,3 +433,17 @@ def test_report_of_an_engine_setting_sweep_without_none(tmp_path, capsys):
     from nanovllm_lab.report import main  # the CLI prints the same per-size table
     assert main([str(tmp_path), "--out", str(tmp_path / "cli.md")]) == 0
     assert "blocking [activation_kernel=triton]" in capsys.readouterr().out
+
+
+def test_overlap_table_refuses_a_sweep_of_several_engine_settings(tmp_path):
+    """overlap's table has one entry per model, tp and card: a sweep that ran two engine settings cannot say
+    which one the winners are for, so the table is refused (report exit status 2) and nothing is written."""
+    from nanovllm_lab.lab.tuning import TuningError, write_table_from_sweep
+    summaries, steps = _variant_sweep()
+    table = tmp_path / "t.json"
+    with pytest.raises(TuningError, match="several engine settings") as err:
+        write_table_from_sweep(tmp_path, table, card="H200", steps=step_table(steps, summaries))
+    assert err.value.code == 2 and not table.exists()
+    one = summaries[summaries["overrides"].map(lambda o: "activation_kernel=torch" in o)]
+    write_table_from_sweep(tmp_path, table, card="H200", steps=step_table(steps[steps["run"].isin(one["run"])], one))
+    assert table.exists()

@@ -44,6 +44,10 @@ def write_table_from_sweep(root: str | Path, path: str | Path, card: str | None 
         steps = step_table(results.load_steps(root), results.load_summaries(root))
     if steps.empty or not (steps["strategy"] == "blocking").any():
         raise TuningError(f"--write-table needs decode/prefill step sweeps with a blocking run under {root}", code=1)
+    variants = sorted(set(steps["variant"])) if "variant" in steps else [""]
+    if len(variants) > 1:  # one table entry per model/tp/card: it cannot say which engine setting it is for
+        raise TuningError(f"the sweep under {root} ran several engine settings ({variants}); a table is tuned for "
+                          "one: write it from a sweep of one setting", code=2)
     card = sweep_card(root) if card is None else card
     write_table(overlap_rows_from_steps(steps), str(path), card=card)
     return card
