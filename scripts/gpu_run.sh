@@ -114,8 +114,9 @@ for stage in $stages; do
              [ "$ngpu" -ge 2 ] && decode_vs_refs "${PF_BATCHES:-[1,32,128,192,256,512]}" blocking,none "${PF_REFS:-1}" \
                +strategy=lamport_norm strategy.programs_per_sm=4 strategy.prefetch_mib=${PF_MIB:-0,16,32} ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
-             [ "$ngpu" -ge 2 ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 "workload.batch_sizes=[8,128]" \
-               +strategy=blocking,overlap,none,symm_norm ;;
+             # (TRACE_STRATEGIES / TRACE_BATCHES narrow it; TP=1 runs on one GPU: where a decode step's time goes)
+             [ "$ngpu" -ge "$TP" ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 \
+               "workload.batch_sizes=${TRACE_BATCHES:-[8,128]}" +strategy=${TRACE_STRATEGIES:-blocking,overlap,none,symm_norm} ;;
     trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
              # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once; STEP_ARGS
