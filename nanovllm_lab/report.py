@@ -8,7 +8,7 @@
 The report holds one row per run (throughput, speedup over blocking, step-latency and TTFT/TPOT medians),
 the failed runs, the step latencies of decode/prefill sweeps (also as a row per size and a column per strategy,
 printed on the console too) and the layer rows per strategy, and PNG figures. Runs that differ in a setting
-other than the strategy (`-m activation_kernel=torch,triton`) are kept apart by their `variant` (lab/compare.py).
+other than the strategy (`-m elementwise_kernels=torch,triton`) are kept apart by their `variant` (lab/compare.py).
 It is logged to wandb (offline) with --wandb, or when the runs themselves were logged with logger=wandb.
 --write-table turns the step latencies into an `overlap` table entry per model, tp and card (use it with
 `+strategy=overlap strategy.table=...`).

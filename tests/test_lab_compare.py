@@ -299,8 +299,8 @@ _BASE = ["workload=prefill", "model=qwen3-8b", "tp=2", "prefill_graphs=4", "resu
 
 
 def _variant_sweep() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`-m +strategy=blocking,none,async_ce activation_kernel=torch,triton` (prefill, two sizes), plus an
-    async_ce run with activation_kernel=auto and no blocking or none beside it. Latencies per kernel differ so
+    """`-m +strategy=blocking,none,async_ce elementwise_kernels=torch,triton` (prefill, two sizes), plus an
+    async_ce run with elementwise_kernels=auto and no blocking or none beside it. Latencies per kernel differ so
     that pooled references would give other numbers than per-variant ones."""
     lat = {("blocking", "torch"): {2048: 60.0, 8192: 240.0}, ("none", "torch"): {2048: 40.0, 8192: 160.0},
            ("async_ce", "torch"): {2048: 50.0, 8192: 220.0},
@@ -313,7 +313,7 @@ def _variant_sweep() -> tuple[pd.DataFrame, pd.DataFrame]:
         summaries.append(dict(run=run, status="ok", workload="prefill", model="qwen3-8b", tp=2, strategy=strategy,
                               strategy_params={}, throughput_tok_s=1e4 / by_size[8192],
                               prefill_latency_ms_p50=by_size[8192],
-                              overrides=[*_BASE, f"+strategy={strategy}", f"activation_kernel={kernel}"]))
+                              overrides=[*_BASE, f"+strategy={strategy}", f"elementwise_kernels={kernel}"]))
         steps += [dict(run=run, workload="prefill", model="qwen3-8b", tp=2, strategy=strategy, phase="prefill",
                        num_tokens=n, latency_ms=t + d, cuda_graph=True, warmup=False)
                   for n, t in by_size.items() for d in (-0.1, 0.0, 0.1)]
@@ -326,17 +326,17 @@ def test_run_variants_are_the_overrides_a_run_does_not_share():
     steps). Another group (tp=4) decides its own; a run without recorded overrides gets ""."""
     from nanovllm_lab.lab.results import run_variants
     keep = ["workload=decode", "model=m", "results_dir=/x", "progress=False", "overlap_table=/t.json"]
-    rows = [(2, [*keep, "tp=2", "+strategy=blocking", "tag=a", "activation_kernel=torch", "trace=true"]),
+    rows = [(2, [*keep, "tp=2", "+strategy=blocking", "tag=a", "elementwise_kernels=torch", "trace=true"]),
             (2, [*keep, "tp=2", "+strategy=chunked", "strategy.chunks=3", "tag=b", "logger=wandb",
-                 "logger.project=p", "activation_kernel=triton", "trace=true"]),
-            (2, [*keep, "tp=2", "+strategy=none", "tag=c", "activation_kernel=triton", "trace=false",
+                 "logger.project=p", "elementwise_kernels=triton", "trace=true"]),
+            (2, [*keep, "tp=2", "+strategy=none", "tag=c", "elementwise_kernels=triton", "trace=false",
                  "torch_compile=false"]),
             (2, None),
-            (4, [*keep, "tp=4", "activation_kernel=torch"]), (4, [*keep, "tp=4", "activation_kernel=torch"])]
+            (4, [*keep, "tp=4", "elementwise_kernels=torch"]), (4, [*keep, "tp=4", "elementwise_kernels=torch"])]
     summaries = pd.DataFrame([dict(workload="decode", model="m", tp=tp, overrides=o) for tp, o in rows])
     assert run_variants(summaries).tolist() == [
-        "activation_kernel=torch trace=true", "activation_kernel=triton trace=true",
-        "activation_kernel=triton torch_compile=false trace=false", "", "", ""]
+        "elementwise_kernels=torch trace=true", "elementwise_kernels=triton trace=true",
+        "elementwise_kernels=triton torch_compile=false trace=false", "", "", ""]
     assert run_variants(summaries.drop(columns="overrides")).tolist() == [""] * 6
 
 
@@ -344,12 +344,12 @@ def test_step_table_keeps_engine_variants_apart_with_their_own_references():
     """A sweep over an engine setting with blocking and none per setting: a row per size, strategy and variant,
     each against the blocking and none of its own variant (pooling both kernels would give
     (55 - 50) / (55 - 35) = 0.25 and (55 - 35) / 20 = 1.0 at 2048 instead of 0.5 and 0.75). A variant without
-    blocking/none runs (activation_kernel=auto) is measured against the median over the variants, as before."""
+    blocking/none runs (elementwise_kernels=auto) is measured against the median over the variants, as before."""
     summaries, steps = _variant_sweep()
     table = step_table(steps, summaries)
     t = table.set_index(["num_tokens", "strategy", "variant"])
     assert len(t) == 14 and t.index.is_unique  # 2 sizes x 7 runs: nothing pooled
-    torch, triton, auto = "activation_kernel=torch", "activation_kernel=triton", "activation_kernel=auto"
+    torch, triton, auto = "elementwise_kernels=torch", "elementwise_kernels=triton", "elementwise_kernels=auto"
     assert t.loc[(2048, "async_ce", torch), "t_ms"] == 50.0 and t.loc[(2048, "async_ce", triton), "t_ms"] == 35.0
     assert t.loc[(2048, "async_ce", torch), "t_blocking_ms"] == 60.0
     assert t.loc[(2048, "async_ce", triton), "t_none_ms"] == 30.0
@@ -359,17 +359,17 @@ def test_step_table_keeps_engine_variants_apart_with_their_own_references():
     assert math.isclose(t.loc[(8192, "async_ce", triton), "exposed_comm_ms"], 60.0)
     assert t.loc[(2048, "blocking", triton), "overlap_efficiency"] == 0.0
     assert math.isnan(t.loc[(2048, "none", torch), "overlap_efficiency"])
-    # no blocking or none with activation_kernel=auto: the medians over the variants (55 and 35 ms at 2048)
+    # no blocking or none with elementwise_kernels=auto: the medians over the variants (55 and 35 ms at 2048)
     assert t.loc[(2048, "async_ce", auto), "t_blocking_ms"] == 55.0
     assert t.loc[(2048, "async_ce", auto), "t_none_ms"] == 35.0
     assert math.isclose(t.loc[(2048, "async_ce", auto), "overlap_efficiency"], 0.5)     # (55 - 45) / (55 - 35)
     # the sweep-end / report table: a column per strategy and variant
     from nanovllm_lab.lab.console import step_frame
     wide = step_frame(table).set_index("tokens")
-    assert wide.loc[2048, "async_ce [activation_kernel=torch]"] == "50.000 (0.50)"
-    assert wide.loc[2048, "async_ce [activation_kernel=triton]"] == "35.000 (0.75)"
-    assert wide.loc[2048, "blocking [activation_kernel=triton]"] == "50.000 (0.00)"
-    assert wide.loc[2048, "none [activation_kernel=torch]"] == "40.000"
+    assert wide.loc[2048, "async_ce [elementwise_kernels=torch]"] == "50.000 (0.50)"
+    assert wide.loc[2048, "async_ce [elementwise_kernels=triton]"] == "35.000 (0.75)"
+    assert wide.loc[2048, "blocking [elementwise_kernels=triton]"] == "50.000 (0.00)"
+    assert wide.loc[2048, "none [elementwise_kernels=torch]"] == "40.000"
     assert "blocking" not in wide and "async_ce" not in wide
 
 
@@ -378,7 +378,7 @@ def test_run_table_shows_the_variant_and_compares_with_its_own_blocking():
     median blocking), and per-phase efficiency against the blocking and none of its variant."""
     summaries, _ = _variant_sweep()
     t = comparison_table(summaries).set_index(["strategy", "variant"])
-    torch, triton, auto = "activation_kernel=torch", "activation_kernel=triton", "activation_kernel=auto"
+    torch, triton, auto = "elementwise_kernels=torch", "elementwise_kernels=triton", "elementwise_kernels=auto"
     assert math.isclose(t.loc[("async_ce", torch), "speedup_vs_blocking"], 240.0 / 220.0)
     assert math.isclose(t.loc[("async_ce", triton), "speedup_vs_blocking"], 200.0 / 180.0)
     assert t.loc[("blocking", triton), "speedup_vs_blocking"] == 1.0  # not against the pooled median
@@ -406,11 +406,11 @@ def test_results_without_overrides_are_compared_as_before():
     mixed = summaries.astype(object)
     mixed.loc[0, "overrides"] = float("nan")  # one old run among new ones (a NaN cell from concatenated frames)
     v = comparison_table(mixed).set_index("run")["variant"]
-    assert v["0_blocking_tp2"] == "" and v["3_blocking_tp2"] == "activation_kernel=triton"
+    assert v["0_blocking_tp2"] == "" and v["3_blocking_tp2"] == "elementwise_kernels=triton"
 
 
 def test_report_of_an_engine_setting_sweep_without_none(tmp_path, capsys):
-    """The report on disk of a blocking-only sweep over activation_kernel (results/gpu/2026-11-28m_h200/call2):
+    """The report on disk of a blocking-only sweep over elementwise_kernels (results/gpu/2026-11-28m_h200/call2):
     no efficiency anywhere (no none run) used to crash the step-overlap figure at layout; the per-size table gets
     a column per kernel."""
     import json
@@ -421,18 +421,18 @@ def test_report_of_an_engine_setting_sweep_without_none(tmp_path, capsys):
         d.mkdir()
         (d / "summary.json").write_text(json.dumps(dict(
             status="ok", workload="prefill", model="qwen3-8b", tp=1, strategy="blocking", strategy_params={},
-            throughput_tok_s=4e4 + i, overrides=["workload=prefill", "tp=1", f"activation_kernel={kernel}"])))
+            throughput_tok_s=4e4 + i, overrides=["workload=prefill", "tp=1", f"elementwise_kernels={kernel}"])))
         pd.DataFrame([dict(workload="prefill", model="qwen3-8b", tp=1, strategy="blocking", phase="prefill",
                            num_tokens=n, latency_ms=n / 40 - 10 * i, cuda_graph=True, warmup=False)
                       for n in (2048, 8192)]).to_parquet(d / "steps.parquet")
     rep = build_report(tmp_path)
     assert "step_overlap" not in rep.figures and "latency_vs_tokens" in rep.figures
     text = write_report(rep, tmp_path / "r.md").read_text()
-    assert "| blocking [activation_kernel=torch] | blocking [activation_kernel=triton] |" in text
+    assert "| blocking [elementwise_kernels=torch] | blocking [elementwise_kernels=triton] |" in text
     assert "| 8192 | True | 204.800 | 194.800 |" in text
     from nanovllm_lab.report import main  # the CLI prints the same per-size table
     assert main([str(tmp_path), "--out", str(tmp_path / "cli.md")]) == 0
-    assert "blocking [activation_kernel=triton]" in capsys.readouterr().out
+    assert "blocking [elementwise_kernels=triton]" in capsys.readouterr().out
 
 
 def test_overlap_table_refuses_a_sweep_of_several_engine_settings(tmp_path):
@@ -444,6 +444,33 @@ def test_overlap_table_refuses_a_sweep_of_several_engine_settings(tmp_path):
     with pytest.raises(TuningError, match="several engine settings") as err:
         write_table_from_sweep(tmp_path, table, card="H200", steps=step_table(steps, summaries))
     assert err.value.code == 2 and not table.exists()
-    one = summaries[summaries["overrides"].map(lambda o: "activation_kernel=torch" in o)]
+    one = summaries[summaries["overrides"].map(lambda o: "elementwise_kernels=torch" in o)]
     write_table_from_sweep(tmp_path, table, card="H200", steps=step_table(steps[steps["run"].isin(one["run"])], one))
     assert table.exists()
+
+
+def test_a_variant_with_only_one_reference_gets_no_efficiency():
+    """A variant that ran blocking but not none (elementwise_kernels=triton here) must not be measured against
+    another variant's none: its exposed communication would come out negative (33 - 40 ms). It gets NaN; the
+    variant that ran both keeps its own pair, in the step table and the run table alike."""
+    lat = {("blocking", "torch"): 60.0, ("none", "torch"): 40.0, ("async_ce", "torch"): 50.0,
+           ("blocking", "triton"): 38.0, ("async_ce", "triton"): 33.0}
+    summaries, steps = [], []
+    for i, ((strategy, kernel), t) in enumerate(lat.items()):
+        run = f"{i}_{strategy}_tp2"
+        summaries.append(dict(run=run, status="ok", workload="prefill", model="qwen3-8b", tp=2, strategy=strategy,
+                              strategy_params={}, throughput_tok_s=1e4 / t, prefill_latency_ms_p50=t,
+                              overrides=[*_BASE, f"+strategy={strategy}", f"elementwise_kernels={kernel}"]))
+        steps.append(dict(run=run, workload="prefill", model="qwen3-8b", tp=2, strategy=strategy, phase="prefill",
+                          num_tokens=2048, latency_ms=t, cuda_graph=True, warmup=False))
+    summaries, steps = pd.DataFrame(summaries), pd.DataFrame(steps)
+    t = step_table(steps, summaries).set_index(["strategy", "variant"])
+    tri, tor = "elementwise_kernels=triton", "elementwise_kernels=torch"
+    assert t.loc[("async_ce", tri), "t_blocking_ms"] == 38.0 and math.isnan(t.loc[("async_ce", tri), "t_none_ms"])
+    assert math.isnan(t.loc[("async_ce", tri), "overlap_efficiency"])
+    assert math.isnan(t.loc[("async_ce", tri), "exposed_comm_ms"])
+    assert math.isclose(t.loc[("async_ce", tor), "overlap_efficiency"], 0.5)
+    runs = comparison_table(summaries).set_index(["strategy", "variant"])
+    assert math.isnan(runs.loc[("async_ce", tri), "prefill_step_efficiency"])
+    assert math.isclose(runs.loc[("async_ce", tri), "speedup_vs_blocking"], 38.0 / 33.0)  # its own blocking
+    assert math.isclose(runs.loc[("async_ce", tor), "prefill_step_efficiency"], 0.5)

@@ -12,7 +12,7 @@ def test_a_cell_that_looks_like_rich_markup_prints_as_text(capsys):
 
 
 def test_a_header_that_looks_like_rich_markup_prints_as_text(capsys):
-    """A per-size column labelled with its variant ("blocking [activation_kernel=triton]"): rich once took the
+    """A per-size column labelled with its variant ("blocking [elementwise_kernels=triton]"): rich once took the
     bracket for a style tag and printed two columns both headed "blocking"."""
-    print_table(pd.DataFrame({"tokens": [2048], "blocking [activation_kernel=triton]": ["49.540"]}), "per size")
-    assert "blocking [activation_kernel=triton]" in capsys.readouterr().out
+    print_table(pd.DataFrame({"tokens": [2048], "blocking [elementwise_kernels=triton]": ["49.540"]}), "per size")
+    assert "blocking [elementwise_kernels=triton]" in capsys.readouterr().out

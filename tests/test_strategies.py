@@ -624,8 +624,12 @@ def test_write_table_picks_fastest_within_spread(tmp_path):
 def test_layer_sweep_rows_on_cpu():
     from nanovllm_lab.comm.layerbench import ROW_KEYS, layer_sweep
     rows = layer_sweep("tiny", 2, ["blocking", "async", {"name": "chunked", "min_tokens_per_chunk": 2}, "symm"],
-                       [1, 8], ("prefill", "decode"), 2, "cpu", block_size=16, decode_context=32)
+                       [1, 8], ("prefill", "decode"), 2, "cpu", block_size=16, decode_context=32,
+                       elementwise_kernels="triton")
     assert len(rows) == 2 * 2 * 2 * 4  # units x phases x tokens x strategies
+    assert {r["elementwise_kernels"] for r in rows} == {"torch"}  # what ran: on cpu the PyTorch path, whatever asked
+    with pytest.raises(ValueError, match="elementwise_kernels must be auto, triton or torch"):
+        layer_sweep("tiny", 2, ["blocking"], [1], ("decode",), 1, "cpu", elementwise_kernels="cuda")
     required = {"arch", "tp", "phase", "tokens", "unit", "strategy", "t_ms", "t_p10_ms", "t_p90_ms", "t_blocking_ms",
                 "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency"}
     for r in rows:

@@ -631,3 +631,17 @@ def test_qk_norm_rope_rejects_bad_inputs():
         qk_norm_rope(torch.zeros(2, 96), pos, torch.zeros(8, 12), w, w, 1e-6, 6, 2, 12)
     with pytest.raises(ValueError, match="float32 cos_sin"):
         qk_norm_rope(torch.zeros(2, 128), pos, cs.half(), w, w, 1e-6, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"contiguous positions of shape \(2,\)"):
+        qk_norm_rope(torch.zeros(2, 128), torch.zeros(4, dtype=torch.long)[::2], cs, w, w, 1e-6, 4, 2, 16)
+
+
+def test_qk_kernel_is_used_only_for_power_of_two_head_dims():
+    """Head sizes that are not a power of two (a checkpoint with head_dim 96, say) keep the PyTorch q/k path
+    instead of failing at the kernel's check when the engine starts on a GPU."""
+    import dataclasses
+
+    from nanovllm_lab.models.arch import load_arch
+    from nanovllm_lab.models.qwen3 import Qwen3Attention
+    arch = load_arch("tiny")
+    assert Qwen3Attention(arch).fused_qk
+    assert not Qwen3Attention(dataclasses.replace(arch, head_dim=96)).fused_qk

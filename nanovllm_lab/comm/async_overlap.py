@@ -28,7 +28,7 @@ from torch import nn
 
 from nanovllm_lab.comm.base import (CommStrategy, PendingReduction, SideReducer, StrategyConfig, check_int,
                                     has_layer_parts, register_strategy)
-from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
+from nanovllm_lab.utils.context import AttentionContext, aligned, get_context, set_context
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ class AsyncOverlapStrategy(MicroBatchPlanning, CommStrategy):
         bounds = self.plan(ctx, hidden.shape[0])
         if bounds is None:
             return super().run_layers(layers, positions, hidden)
-        mbs = [_MicroBatch(ctx.slice_tokens(t0, t1), positions[t0:t1], hidden[t0:t1])
+        # positions too: the q/k norm + RoPE kernel reads them (utils/context.py aligned says why)
+        mbs = [_MicroBatch(ctx.slice_tokens(t0, t1), aligned(positions[t0:t1]), hidden[t0:t1])
                for t0, t1 in zip(bounds, bounds[1:])]
         self.reducer.fork()
         try:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from nanovllm_lab.comm.async_overlap import MicroBatchPlanning, check_micro_batching
 from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, comm_stream, has_layer_parts, register_strategy
 from nanovllm_lab.comm.seqpar import all_gather_rows, reduce_scatter_rows, shard_rows, token_shard
-from nanovllm_lab.utils.context import AttentionContext, get_context, set_context
+from nanovllm_lab.utils.context import AttentionContext, aligned, get_context, set_context
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class AsyncRsAgStrategy(MicroBatchPlanning, CommStrategy):
             return super().run_layers(layers, positions, self.all_reduce(hidden) if pending else hidden)
         mbs = []
         for t0, t1 in zip(bounds, bounds[1:]):
-            mb = _MicroBatch(ctx.slice_tokens(t0, t1), positions[t0:t1], t1 - t0)
+            mb = _MicroBatch(ctx.slice_tokens(t0, t1), aligned(positions[t0:t1]), t1 - t0)  # read by a Triton kernel
             if not pending:  # hidden came reduced (a caller other than the model's embedding): no collective
                 mb.inp = layers[0].input_layernorm(hidden[t0:t1])
                 mb.residual = token_shard(hidden[t0:t1], self.rank, self.world_size)

@@ -35,7 +35,7 @@ from nanovllm_lab.distributed.parallel import SAFE_ENV
 ROW_KEYS = ("arch", "tp", "phase", "tokens", "seqs", "unit", "strategy", "params", "t_ms", "t_p10_ms", "t_p90_ms",
             "t_blocking_ms", "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency", "comm_calls",
             "stack", "cuda_graph", "device", "card", "error", "compute_kernel_ms", "compute_interference",
-            "torch_compile")
+            "torch_compile", "elementwise_kernels")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class _Job:
     # these eager while the engine compiles them: rsag's halved norm work then looked like a prefill win (0.63
     # at 8192 tokens) that the compiled engine did not show (results/LOG.md, session 4).
     torch_compile: bool | None = None
+    # SiLU-and-mul and the q/k norm + RoPE: "triton" or "torch" (None / "auto": triton on cuda, as Config)
+    elementwise_kernels: str | None = None
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -94,15 +96,18 @@ def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], ph
                 repeats: int = 20, device: str = "auto", *, warmup: int = 3, prefill_seqs: int = 4,
                 decode_context: int = 512, block_size: int = 256, stack: int = 1, cuda_graph: bool = True,
                 dtype: str | None = None, timeout_s: float = 1800.0, prefill_graph: bool = True,
-                interference: bool = True, torch_compile: bool | None = None) -> list[dict]:
+                interference: bool = True, torch_compile: bool | None = None,
+                elementwise_kernels: str | None = None) -> list[dict]:
     """Rows (ROW_KEYS) per unit ("layer", "row_linear") x phase x tokens x strategy; see the module doc.
     `strategies` holds names or specs ({"name": "chunked", "chunks": 2}); an unavailable one (symm on
     gloo) gives rows with NaN times and the reason in `error`."""
     job = _Job(arch_name, int(tp), tuple(strategies), tuple(int(t) for t in tokens), tuple(phases), int(repeats),
                _resolve_device(device), warmup, prefill_seqs, decode_context, block_size, stack, cuda_graph, dtype,
-               prefill_graph, interference, torch_compile)
+               prefill_graph, interference, torch_compile, elementwise_kernels)
     if job.repeats < 1 or not job.tokens or min(job.tokens) < 1:
         raise ValueError("layer_sweep needs repeats >= 1 and token counts >= 1")
+    if elementwise_kernels not in (None, "auto", "triton", "torch"):
+        raise ValueError(f"layer_sweep: elementwise_kernels must be auto, triton or torch, got {elementwise_kernels!r}")
     for spec in job.strategies:
         _spec_name_params(spec)  # unknown names / bad parameters fail here, before anything is spawned
     for k, v in SAFE_ENV.items():

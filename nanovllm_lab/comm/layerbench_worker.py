@@ -102,7 +102,10 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
         dev, world = torch.device(info.device), info.world_size
         compiled = dev.type == "cuda" if job.torch_compile is None else job.torch_compile
         set_compile(compiled)
-        set_elementwise_kernels("triton" if dev.type == "cuda" else "torch")  # as the engine's "auto" resolves
+        # As Config resolves it: "auto" is triton on cuda; on cpu the PyTorch path runs whatever was asked.
+        kernels = job.elementwise_kernels if job.elementwise_kernels in ("triton", "torch") else "triton"
+        kernels = kernels if dev.type == "cuda" else "torch"
+        set_elementwise_kernels(kernels)
         arch = load_arch(job.arch)
         dtype = getattr(torch, job.dtype or (arch.torch_dtype if dev.type == "cuda" else "float32"))
         torch.manual_seed(1234 + rank)
@@ -202,7 +205,7 @@ def _worker(rank: int, job: _Job, init_file: str, q: Any) -> None:
                             "comm_calls": calls // scale, "stack": job.stack, "cuda_graph": graph,
                             "device": dev.type, "card": card, "error": errors.get(label, ""),
                             "compute_kernel_ms": ck, "compute_interference": ck / cn if cn > 0 else math.nan,
-                            "torch_compile": compiled})
+                            "torch_compile": compiled, "elementwise_kernels": kernels})
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
         for s in strategies.values():

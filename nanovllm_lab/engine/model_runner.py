@@ -122,8 +122,15 @@ class ModelRunner:
         - With torch.compile, which specialises sizes 0 and 1 even with dynamic shapes: the sampler at 1 and 2
           rows (on its own generator, so the run's random stream is untouched) and, where no decode graphs were
           captured, the layers at one token.
+        - The Triton SiLU-and-mul's variant for 1024 rows and more (4 rows per program), on a scratch input of
+          the MLP's width: the dummy steps here are smaller, and the start-up prefill is skipped when the KV
+          cache size is given.
         """
         self._prefill_dummy([2], cached=1)
+        if self.config.elementwise_kernels == "triton":
+            from nanovllm_lab.kernels.silu_mul import silu_and_mul
+            width = 2 * self.config.arch.intermediate_size // self.config.tensor_parallel_size
+            silu_and_mul(torch.zeros(1024, width, dtype=self.dtype, device=self.device))
         if self.config.torch_compile:
             if self.samples:
                 gen = torch.Generator(device=self.device).manual_seed(0)

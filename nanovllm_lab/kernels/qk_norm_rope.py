@@ -75,6 +75,9 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
         raise ValueError(f"qk_norm_rope needs a contiguous float32 cos_sin [max_pos, {head_dim}], got "
                          f"{tuple(cos_sin.shape)} {cos_sin.dtype}")
     n = qkv.shape[0]
+    if positions.shape != (n,) or positions.stride(0) != 1:  # one per row; out-of-range values are not checked
+        raise ValueError(f"qk_norm_rope needs contiguous positions of shape ({n},), got {tuple(positions.shape)} "
+                         f"strides {positions.stride()}")
     q = torch.empty((n, num_q, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((n, num_k, head_dim), dtype=qkv.dtype, device=qkv.device)
     if n == 0:

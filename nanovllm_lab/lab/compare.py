@@ -1,7 +1,7 @@
 """The side-by-side report of the runs under a directory: tables and figures, as markdown or HTML.
 
 Runs of one workload, model and tp that differ in other settings (a sweep over an engine setting such as
-`activation_kernel=torch,triton`) are told apart by their `variant` (`results.run_variants`: the overrides
+`elementwise_kernels=torch,triton`) are told apart by their `variant` (`results.run_variants`: the overrides
 they do not share) and are compared with references of their own variant.
 
 Speedup over blocking compares a run's headline throughput with the blocking run of the same workload, model,
@@ -65,11 +65,31 @@ def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -
 def _group_median(runs: pd.DataFrame, strategy: str, col: str) -> pd.Series:
     """Per row of `runs` (a RangeIndex): the median `col` of the `strategy` runs of its group and variant, or
     where its variant has none (or `runs` no `variant` column), of its whole group; NaN where none ran."""
-    def median(keys: list[str]) -> pd.Series:
-        med = runs[runs["strategy"] == strategy].groupby(keys)[col].median().rename("_median").reset_index()
-        return runs[keys].merge(med, on=keys, how="left")["_median"]
-    whole = median(_GROUP)
-    return median([*_GROUP, "variant"]).fillna(whole) if "variant" in runs else whole
+    own, whole = _own_and_whole(runs, strategy, col, _GROUP)
+    return own.fillna(whole)
+
+
+def _own_and_whole(rows: pd.DataFrame, strategy: str, col: str, keys: list[str]) -> tuple[pd.Series, pd.Series]:
+    """Per row of `rows` (a RangeIndex): the median `col` of the `strategy` rows with the same `keys` and variant
+    (all NaN without a `variant` column), and the median over all variants of those keys."""
+    def median(by: list[str]) -> pd.Series:
+        med = rows[rows["strategy"] == strategy].groupby(by)[col].median().rename("_median").reset_index()
+        return rows[by].merge(med, on=by, how="left")["_median"]
+    whole = median(keys)
+    own = median([*keys, "variant"]) if "variant" in rows else pd.Series(float("nan"), index=rows.index)
+    return own, whole
+
+
+def _references(rows: pd.DataFrame, col: str, keys: list[str]) -> tuple[pd.Series, pd.Series]:
+    """(T_blocking, T_none) per row, as one pair: the row's own variant's where it ran either; the medians over
+    all variants where it ran neither (runs without variants, or a setting swept for one strategy only). A
+    variant that ran only one of the two gets NaN for the other, so no efficiency: taking the missing one from
+    another variant would mix settings (one's blocking against another's none), and the efficiency could leave
+    [0, 1] for no reason in the runs."""
+    own_b, any_b = _own_and_whole(rows, "blocking", col, keys)
+    own_n, any_n = _own_and_whole(rows, "none", col, keys)
+    neither = own_b.isna() & own_n.isna()
+    return own_b.where(~neither, any_b), own_n.where(~neither, any_n)
 
 
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +108,8 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     ok["throughput_tok_s"] = pd.to_numeric(ok.get("throughput_tok_s"), errors="coerce")
     blocking_tok_s = _group_median(ok, "blocking", "throughput_tok_s")
     ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / blocking_tok_s
-    t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / blocking_tok_s, 1 / _group_median(ok, "none", "throughput_tok_s")
+    ref_b, ref_n = _references(ok, "throughput_tok_s", _GROUP)
+    t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ref_b, 1 / ref_n
     ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(real)
     ok["exposed_comm_share"] = ((t - t_n) / t).where(real)
     # The same per phase, with T = the run's median step latency: where in a request workload the gain is.
@@ -96,8 +117,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
         col = f"{phase}_latency_ms_p50"
         if col in ok:
             ok[col] = pd.to_numeric(ok[col], errors="coerce")
-            ok[f"{phase}_step_efficiency"] = overlap_efficiency(
-                ok[col], _group_median(ok, "blocking", col), _group_median(ok, "none", col)).where(real)
+            ok[f"{phase}_step_efficiency"] = overlap_efficiency(ok[col], *_references(ok, col, _GROUP)).where(real)
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "variant", "strategy"],
                                 kind="stable").reset_index(drop=True)
@@ -144,7 +164,8 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     share of T (`host_share` near 1: a host-paced step, whose efficiency says little about communication). With
     the runs' summaries, runs of one strategy with different parameters (`params`, JSON) or other settings
     (`variant`, `results.run_variants`) stay apart, and blocking and none are taken from the row's own variant
-    where it ran them, else as the median over the variants that did."""
+    where it ran them, as the medians over the variants where it ran neither, and not at all where it ran only
+    one of the two (`_references`)."""
     need = {"workload", "model", "tp", "strategy", "phase", "num_tokens", "latency_ms"}
     if steps.empty or not need <= set(steps.columns):
         return pd.DataFrame()
@@ -170,12 +191,8 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     if "host_ms" in s:  # runs since session 9
         cols["host_ms"] = groups["host_ms"].median()
     stats = pd.DataFrame(cols).reset_index()
-    for name in ("blocking", "none"):  # the row's own variant's reference, else the median over the variants
-        ref = stats[stats["strategy"] == name]
-        own = ref.groupby([*keys, "variant"])["t_ms"].median().rename("_own").reset_index()
-        anyv = ref.groupby(keys)["t_ms"].median().rename("_any").reset_index()
-        t = stats[[*keys, "variant"]].merge(own, on=[*keys, "variant"], how="left").merge(anyv, on=keys, how="left")
-        stats[f"t_{name}_ms"] = t["_own"].fillna(t["_any"]).to_numpy()
+    t_b, t_n = _references(stats, "t_ms", keys)  # the row's own variant's pair, else the medians over variants
+    stats["t_blocking_ms"], stats["t_none_ms"] = t_b.to_numpy(), t_n.to_numpy()
     real = stats["strategy"] != "none"
     stats["overlap_efficiency"] = overlap_efficiency(stats["t_ms"], stats["t_blocking_ms"],
                                                      stats["t_none_ms"]).where(real)

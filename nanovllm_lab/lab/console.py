@@ -1,8 +1,8 @@
 """Console tables: a run's summary at its end, a sweep's side by side at the sweep's end.
 
 rich draws them when it is installed; otherwise pandas' to_string. Runs that differ in a setting other than
-the strategy (a sweep over activation_kernel=torch,triton) show their `variant` (compare / results.run_variants):
-a column of the sweep table, and in the per-size table's column labels (`blocking [activation_kernel=triton]`).
+the strategy (a sweep over elementwise_kernels=torch,triton) show their `variant` (compare / results.run_variants):
+a column of the sweep table, and in the per-size table's column labels (`blocking [elementwise_kernels=triton]`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
         return
     table = Table(title=title, title_justify="left")
     for col in df.columns:
-        # plain text too: a variant's label ("blocking [activation_kernel=triton]") is not markup
+        # plain text too: a variant's label ("blocking [elementwise_kernels=triton]") is not markup
         table.add_column(Text(HEADERS.get(str(col), str(col))), overflow="fold", no_wrap=col != "run")
     for row in df.itertuples(index=False):
         table.add_row(*(Text(_fmt(v)) for v in row))  # plain text: an error message's "[/path]" is not markup
@@ -83,7 +83,7 @@ def print_sweep_summary(summaries: pd.DataFrame, title: str) -> None:
 
 def _label(strategy: str, params_json: str, variant: str = "") -> str:
     """`chunked[chunks=3]` for parameters that differ from the strategy's declared defaults, else the name; then
-    the run's variant if it has one: `blocking [activation_kernel=triton]`."""
+    the run's variant if it has one: `blocking [elementwise_kernels=triton]`."""
     import dataclasses
     import json
     from nanovllm_lab.comm import STRATEGIES, resolve_strategy
@@ -102,7 +102,7 @@ def _label(strategy: str, params_json: str, variant: str = "") -> str:
 
 
 def with_variant(label: str, variant: str) -> str:
-    """`blocking [activation_kernel=triton]`: a label with the run's variant, if it has one."""
+    """`blocking [elementwise_kernels=triton]`: a label with the run's variant, if it has one."""
     return f"{label} [{variant}]" if variant else label
 
 

@@ -11,7 +11,7 @@ A run directory (results/runs/<time>_<strategy>_tp<N>, or results/sweeps/<time>_
 Every file is written to a temporary name and `os.replace`d, so a reader (a notebook watching a sweep) never
 sees half a file. Loaders take any directory above run directories and find them recursively. `run_variants`
 names what set each run apart from the runs it is compared with (summary.json's Hydra `overrides`), so that the
-report keeps a sweep over an engine setting (activation_kernel=torch,triton) apart rather than pooling it.
+report keeps a sweep over an engine setting (elementwise_kernels=torch,triton) apart rather than pooling it.
 """
 from __future__ import annotations
 
@@ -197,8 +197,8 @@ def _variant_overrides(overrides: Any) -> set[str] | None:
 
 def run_variants(summaries: pd.DataFrame, group: tuple[str, ...] = VARIANT_GROUP) -> pd.Series:
     """Per run (row of `summaries`, same index): its variant, the overrides it does not share with every other
-    run of its group (same workload, model and tp), sorted and joined by spaces: "activation_kernel=triton" for
-    one job of `-m activation_kernel=torch,triton`; "" where nothing differs. Overrides the report has columns for
+    run of its group (same workload, model and tp), sorted and joined by spaces: "elementwise_kernels=triton" for
+    one job of `-m elementwise_kernels=torch,triton`; "" where nothing differs. Overrides the report has columns for
     (workload, model, tp, +strategy / strategy.*) or that do not change what ran (results_dir, progress, tag,
     logger, overlap_table) are left out. Runs without recorded `overrides` (older results) get "" and take no
     part in deciding what the others share. Pass the runs that are compared (the successful ones)."""

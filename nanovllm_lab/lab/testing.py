@@ -108,7 +108,8 @@ def stand_in_layerbench(calls: list | None = None) -> Any:
     import types
     mod = types.ModuleType("nanovllm_lab.comm.layerbench")
 
-    def layer_sweep(*args: Any, prefill_graph: bool = True, torch_compile: bool | None = None) -> list[dict[str, Any]]:
+    def layer_sweep(*args: Any, prefill_graph: bool = True, torch_compile: bool | None = None,
+                    elementwise_kernels: str | None = None) -> list[dict[str, Any]]:
         if calls is not None:
             calls.append(args)
         return stand_in_layer_sweep(*args)

@@ -35,10 +35,12 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, a.head_dim, a.head_dim ** -0.5, self.num_kv_heads)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)  # the same eps as q's: the fused kernel takes one
+        # The fused q/k kernel splits each head in two power-of-two halves; other head sizes take PyTorch.
+        self.fused_qk = a.head_dim >= 2 and a.head_dim & (a.head_dim - 1) == 0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if use_triton(qkv):  # one pass over q and k (kernels/qk_norm_rope.py); v stays a view of qkv
+        if self.fused_qk and use_triton(qkv):  # one pass over q and k (kernels/qk_norm_rope.py); v: a view of qkv
             from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
 
             q, k = qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin, self.q_norm.weight, self.k_norm.weight,

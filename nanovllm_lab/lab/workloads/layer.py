@@ -47,7 +47,8 @@ class LayerWorkload(Workload):
         with ctx.timed():
             rows = layer_sweep(self.arch, self.settings.tp, list(p.strategies), list(p.tokens), list(p.phases),
                                p.repeats, self.settings.device, prefill_graph=p.prefill_graph,
-                               torch_compile=self.settings.engine_kwargs.get("torch_compile"))
+                               torch_compile=self.settings.engine_kwargs.get("torch_compile"),
+                               elementwise_kernels=self.settings.engine_kwargs.get("elementwise_kernels"))
         rows = [dict(r) for r in rows]
         metrics: dict[str, Any] = {"arch": self.arch, "num_layer_rows": len(rows)}
         by_strategy: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
