@@ -240,3 +240,28 @@ def test_qk_norm_rope_matches_the_eager_path_in_bf16(n, nq, nk):
         err = (out.float() - ref.float()).abs()
         assert err.max() <= 1.42 * 2 ** -6, err.max()
         assert (err == 0).float().mean() > 0.99, (err == 0).float().mean()  # almost every element bit-identical
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_qk_norm_rope_cache_write_equals_store_kv(n):
+    """The fused kernel's K/V cache write against kernels/store_kv.py's of the same k and v, bit for bit, with a
+    padding slot (-1) that must write nothing."""
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm_lab.kernels.store_kv import store_kvcache
+    from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+
+    nq, nk, d, bs = 16, 4, 128, 256
+    g = torch.Generator(device=DEV).manual_seed(6)
+    with torch.device(DEV):
+        rope = RotaryEmbedding(d, 40960, 1e6)
+    w = (torch.rand(d, device=DEV, generator=g) + 0.5).to(BF16)
+    qkv = (torch.randn(n, (nq + 2 * nk) * d, device=DEV, generator=g) * 3).to(BF16)
+    positions = torch.randint(0, 40960, (n,), device=DEV, generator=g)
+    slots = torch.randperm(4 * bs, device=DEV, generator=g)[:n].to(torch.int32)
+    slots[n // 2] = -1
+    kc = torch.full((4, bs, nk, d), -7.0, dtype=BF16, device=DEV)
+    vc = kc.clone()
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    q, k = qk_norm_rope(qkv, positions, rope.cos_sin, w, w, 1e-6, nq, nk, d, cache=(kc, vc, slots))
+    store_kvcache(k, qkv[:, (nq + nk) * d:].view(n, nk, d), ref_kc, ref_vc, slots)
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)

@@ -645,3 +645,38 @@ def test_qk_kernel_is_used_only_for_power_of_two_head_dims():
     arch = load_arch("tiny")
     assert Qwen3Attention(arch).fused_qk
     assert not Qwen3Attention(dataclasses.replace(arch, head_dim=96)).fused_qk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype):
+    """With the cache, the kernel writes this step's k (normalised, rotated) and v into the paged cache at each
+    token's slot, and nothing for slot -1 (a padding token): the same cache as the eager path's k and v through
+    store_kvcache_torch, everywhere but the scratch slot the torch version parks padding in."""
+    from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
+    from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+
+    g = _gen(11)
+    nq, nk, d, n, blocks, bs = 4, 2, 16, 6, 3, 4
+    q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+    q_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    k_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    positions = torch.tensor([0, 1, 2, 9, 10, 11])
+    slots = torch.tensor([5, 6, -1, 0, 9, 3])
+    qkv = _randn((n, (nq + 2 * nk) * d), dtype, g) * 3
+    want_q, want_k = _qk_reference(qkv, positions, q_norm, k_norm, rope, nq, nk, d)
+    v = qkv[:, (nq + nk) * d:].reshape(n, nk, d)
+    sentinel = -7.0
+    want_kc = torch.full((blocks, bs, nk, d), sentinel, dtype=dtype)
+    want_vc = want_kc.clone()
+    store_kvcache_torch(want_k, v, want_kc, want_vc, slots)
+    kc, vc = torch.full_like(want_kc, sentinel), torch.full_like(want_vc, sentinel)
+    q, k = qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight, 1e-6, nq, nk, d,
+                        cache=(kc, vc, slots))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(q.float(), want_q.float(), **tol)
+    torch.testing.assert_close(k.float(), want_k.float(), **tol)
+    flat = lambda c: c.view(-1, nk, d)[:-1].float()  # noqa: E731  (the last slot: torch's padding scratch)
+    torch.testing.assert_close(flat(kc), flat(want_kc), **tol)
+    assert torch.equal(flat(vc), flat(want_vc))  # v is copied, not computed
+    assert (kc.view(-1, nk, d)[[1, 2, 4, 7, 8, 10]] == sentinel).all()  # slots no token wrote stay untouched

@@ -1,4 +1,7 @@
-"""The attention layer: stores this step's K/V into the paged cache and attends through the chosen backend."""
+"""The attention layer: stores this step's K/V into the paged cache and attends through the chosen backend.
+
+A caller that already wrote the K/V (the fused q/k norm + RoPE kernel, kernels/qk_norm_rope.py) asks
+`fused_store_target()` where to, and passes `stored=True`."""
 from __future__ import annotations
 
 import torch
@@ -15,12 +18,19 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])  # bound by the model runner
         self.backend: AttentionBackend | None = None    # bound by the model runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def fused_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) for a kernel that writes this step's K/V itself, where the backend's
+        store is kernels/store_kv.py's (the triton backend: that layout, slot -1 skipped); else None."""
+        if self.backend is None or self.backend.name != "triton" or not self.k_cache.numel():
+            return None
+        return self.k_cache, self.v_cache, get_context().slot_mapping
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored: bool = False) -> torch.Tensor:
         ctx = get_context()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.k_cache.numel():
+        if self.k_cache.numel() and not stored:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             o = self.backend.prefill(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)

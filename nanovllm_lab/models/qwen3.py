@@ -40,14 +40,17 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.fused_qk and use_triton(qkv):  # one pass over q and k (kernels/qk_norm_rope.py); v: a view of qkv
+        if self.fused_qk and use_triton(qkv):
+            # One pass over q and k (kernels/qk_norm_rope.py), which also writes k and v into the KV cache where
+            # the backend's layout allows; v stays a view of qkv for the prefill attention.
             from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
 
+            cache = self.attn.fused_store_target()
             q, k = qk_norm_rope(qkv, positions, self.rotary_emb.cos_sin, self.q_norm.weight, self.k_norm.weight,
-                                self.q_norm.eps, self.num_heads, self.num_kv_heads, self.head_dim)
+                                self.q_norm.eps, self.num_heads, self.num_kv_heads, self.head_dim, cache=cache)
             v = qkv[:, self.q_size + self.kv_size:]
-        else:
-            q, k, v = self._qk_norm_rope(positions, qkv)
+            return self.o_proj(self.attn(q, k, v, stored=cache is not None))
+        q, k, v = self._qk_norm_rope(positions, qkv)
         return self.o_proj(self.attn(q, k, v))
 
     @compilable
