@@ -60,7 +60,8 @@ for stage in $stages; do
     bench)   # One GPU: issue 3's headline (qwen3-0.6b), overlapped decode off/on. Two or more: issue 4's (qwen3-8b,
              # tp=2) for blocking, overlap and none, whose report gives overlap efficiency end to end.
              # BENCH_TABLE=path: then overlap again with that table (a candidate table against the shipped one).
-             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=$TP +strategy=${BENCH_STRATEGIES:-blocking,overlap,none}
+             # BENCH_ARGS: more overrides, e.g. "elementwise_kernels=torch,triton" (a variant per setting in the report)
+             if [ "$ngpu" -ge 2 ]; then lab -m workload=bench model=$M tp=$TP +strategy=${BENCH_STRATEGIES:-blocking,overlap,none} ${BENCH_ARGS:-}
                [ -n "${BENCH_TABLE:-}" ] && stage=bench_table lab workload=bench model=$M tp=$TP +strategy=overlap \
                  strategy.table=$BENCH_TABLE
              else lab -m workload=bench model=qwen3-0.6b tp=1 async_scheduling=false,true; fi ;;

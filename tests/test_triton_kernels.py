@@ -680,3 +680,34 @@ def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype):
     torch.testing.assert_close(flat(kc), flat(want_kc), **tol)
     assert torch.equal(flat(vc), flat(want_vc))  # v is copied, not computed
     assert (kc.view(-1, nk, d)[[1, 2, 4, 7, 8, 10]] == sentinel).all()  # slots no token wrote stay untouched
+
+
+def test_only_the_triton_backend_takes_a_fused_cache_write():
+    """Attention hands its cache to the q/k kernel only where the backend's store is kernels/store_kv.py's (the
+    triton backend's layout, slot -1 skipped), and only once a cache is bound; `stored=True` then skips the
+    backend's own store (a second write would be harmless but costs the launch the fusion saves)."""
+    from nanovllm_lab.attention.torch_backend import TorchAttentionBackend
+    from nanovllm_lab.layers.attention import Attention
+    from nanovllm_lab.utils.context import reset_context, set_context
+
+    attn = Attention(2, 16, 0.25, 1)
+    attn.backend = TRI
+    assert attn.fused_store_target() is None  # no cache bound yet
+    attn.k_cache, attn.v_cache = torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16)
+    slots = torch.tensor([0, 1], dtype=torch.int32)
+    set_context(AttentionContext(is_prefill=False, slot_mapping=slots))
+    try:
+        kc, vc, got = attn.fused_store_target()
+        assert kc is attn.k_cache and vc is attn.v_cache and got is slots
+        attn.backend = TorchAttentionBackend()
+        assert attn.fused_store_target() is None
+        calls = []
+        attn.backend.store_kv = lambda *a: calls.append(a)
+        attn.backend.decode = lambda q, *a: torch.zeros_like(q)
+        q, kv = torch.zeros(2, 2 * 16), torch.zeros(2, 16)
+        attn(q, kv, kv, stored=True)
+        assert not calls
+        attn(q, kv, kv)
+        assert len(calls) == 1
+    finally:
+        reset_context()
