@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanovllm_lab.lab.compare import build_report, log_report_to_wandb, write_report
+from nanovllm_lab.lab.reporting import build_report, log_report_to_wandb, write_report
 from nanovllm_lab.lab.console import print_step_summary, print_table
 
 

@@ -169,7 +169,7 @@ def test_report_write_table_needs_step_sweeps(sweep_dir, tmp_path):
 
 
 def test_report_markdown_in_process(sweep_dir, tmp_path):
-    from nanovllm_lab.lab.compare import build_report, write_report
+    from nanovllm_lab.lab.reporting import build_report, write_report
     rep = build_report(sweep_dir)
     assert len(rep.runs) == 7 and len(rep.failed) == 1
     blocking = rep.runs[rep.runs["strategy"] == "blocking"]
@@ -189,7 +189,7 @@ def test_tiny_overrides_cover_every_workload():
 def test_report_with_layer_rows(results_root, tmp_path):
     if not (results_root / "layer" / "layer.parquet").exists():
         pytest.skip("no layer benchmark in this checkout")
-    from nanovllm_lab.lab.compare import build_report, write_report
+    from nanovllm_lab.lab.reporting import build_report, write_report
     rep = build_report(results_root)
     assert len(rep.runs) == 8 and not rep.layer.empty and "layer_overlap" in rep.figures
     assert {"overlap_efficiency[chunked]", "exposed_comm_ms[chunked]"} <= set(rep.layer.columns)

@@ -138,7 +138,7 @@ def test_overlap_table_from_step_latencies(tmp_path):
 def test_step_summary_console_and_report_figure(tmp_path):
     """The sweep-end console table (one column per strategy, parameters that differ from the defaults in the
     label) and the report's step-overlap figure, from a decode sweep's step rows."""
-    from nanovllm_lab.lab import compare
+    from nanovllm_lab.lab import plots
     from nanovllm_lab.lab.console import step_frame
     from nanovllm_lab.comm.chunked import ChunkedConfig
     default = ChunkedConfig()
@@ -154,7 +154,7 @@ def test_step_summary_console_and_report_figure(tmp_path):
     assert frame["blocking"] == "10.000 (0.00)" and frame["none"] == "8.000"
     assert frame["chunked[chunks=3]"] == "9.000 (0.50)" and frame["chunked"] == "9.500 (0.25)"
     # the report draws the per-size efficiency when step rows exist
-    fig = compare.plots.layer_overlap(table[table["strategy"] != "none"].rename(
+    fig = plots.layer_overlap(table[table["strategy"] != "none"].rename(
         columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step"))
     assert fig is not None and len(fig.axes) == 2
 
@@ -208,7 +208,7 @@ def test_wandb_report_carries_every_table(tmp_path, monkeypatch):
     import sys
     import types
 
-    from nanovllm_lab.lab.compare import Report, log_report_to_wandb
+    from nanovllm_lab.lab.reporting import Report, log_report_to_wandb
     logged: dict = {}
 
     class FakeRun:
@@ -236,7 +236,7 @@ def test_report_splits_traced_steps_by_size(tmp_path):
     per-size rows adds none."""
     import json
 
-    from nanovllm_lab.lab.compare import build_report, write_report
+    from nanovllm_lab.lab.reporting import build_report, write_report
     sizes = {"none_mb": [(2048, 28.0, 19.0), (16384, 205.0, 150.0)], "async_rsag_ce": [(16384, 212.5, 157.5)],
              "blocking": []}
     for i, (strategy, rows) in enumerate(sizes.items()):
@@ -415,7 +415,7 @@ def test_report_of_an_engine_setting_sweep_without_none(tmp_path, capsys):
     a column per kernel."""
     import json
 
-    from nanovllm_lab.lab.compare import build_report, write_report
+    from nanovllm_lab.lab.reporting import build_report, write_report
     for i, kernel in enumerate(("torch", "triton")):
         d = tmp_path / f"{i}_blocking_tp1"
         d.mkdir()

@@ -138,7 +138,7 @@ def test_wandb_offline_for_real(tmp_path, monkeypatch):
     assert s["logger"] == "wandb"
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb")), "no offline wandb run written"
-    from nanovllm_lab.lab.compare import build_report, log_report_to_wandb
+    from nanovllm_lab.lab.reporting import build_report, log_report_to_wandb
     rep = build_report(tmp_path / "run")
     assert rep.uses_wandb
     log_report_to_wandb(rep)

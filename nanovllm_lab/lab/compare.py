@@ -1,4 +1,4 @@
-"""The side-by-side report of the runs under a directory: tables and figures, as markdown or HTML.
+"""The side-by-side comparison tables of the runs under a directory (lab/reporting.py renders them).
 
 Runs of one workload, model and tp that differ in other settings (a sweep over an engine setting such as
 `elementwise_kernels=torch,triton`) are told apart by their `variant` (`results.run_variants`: the overrides
@@ -13,22 +13,16 @@ fraction of linear scaling from tp=1. The step table does the same per step size
 `prefill` workloads: median step latency per strategy, parameters and variant (warm-up steps left out), and
 overlap efficiency and exposed communication against the blocking and none runs of the same workload, model,
 tp, size and variant (else of any variant). Layer rows (the layer workload) add exposed communication and
-overlap efficiency per strategy, phase and token count. Figures are PNGs in `<report stem>_files/`.
+overlap efficiency per strategy, phase and token count.
 """
 from __future__ import annotations
 
-import html
 import json
 import logging
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from matplotlib.figure import Figure
 
-from nanovllm_lab.lab import console, plots, results
+from nanovllm_lab.lab import results
 from nanovllm_lab.lab.trace import KERNEL_CLASSES
 
 log = logging.getLogger(__name__)
@@ -38,20 +32,6 @@ RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "variant", "device"
                "prefill_step_efficiency", "decode_latency_ms_p50", "decode_step_efficiency", "ttft_ms_p50",
                "tpot_ms_p50", "valid_outputs"]
 _GROUP = ["workload", "model", "tp"]
-
-
-@dataclass
-class Report:
-    root: Path
-    runs: pd.DataFrame                       # one row per successful run, with speedup_vs_blocking
-    failed: pd.DataFrame                     # one row per failed run
-    layer: pd.DataFrame                      # layer rows, pivoted per strategy
-    steps: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode/prefill step latencies per size
-    traces: pd.DataFrame = field(default_factory=pd.DataFrame)  # profiled runs: busy times, compute interference
-    trace_sizes: pd.DataFrame = field(default_factory=pd.DataFrame)  # profiled steps by size: span, time by class
-    scaling: pd.DataFrame = field(default_factory=pd.DataFrame)  # throughput against linear scaling from tp=1
-    figures: dict[str, Figure] = field(default_factory=dict)
-    uses_wandb: bool = False
 
 
 def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -> pd.Series:
@@ -179,7 +159,7 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     if summaries is not None and {"run", "strategy_params"} <= set(summaries.columns):
         params = {r: json.dumps(p if isinstance(p, dict) else {}, sort_keys=True)
                   for r, p in zip(summaries["run"], summaries["strategy_params"])}
-    variants = _variants_by_run(summaries)
+    variants = variants_by_run(summaries)
     s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}",
                  variant=s["run"].map(variants).fillna("") if "run" in s else "")
     keys = ["workload", "model", "tp", "phase", "num_tokens"]
@@ -202,7 +182,7 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     return stats.sort_values([*keys, "variant", "strategy", "params"], kind="stable").reset_index(drop=True)
 
 
-def _variants_by_run(summaries: pd.DataFrame | None) -> dict[str, str]:
+def variants_by_run(summaries: pd.DataFrame | None) -> dict[str, str]:
     """run -> its variant among the successful runs of `summaries` ({} without summaries)."""
     if summaries is None or summaries.empty or "run" not in summaries:
         return {}
@@ -283,102 +263,3 @@ def layer_table(layer: pd.DataFrame) -> pd.DataFrame:
     wide = layer.pivot_table(index=keys, columns="strategy", values=values, aggfunc="median")
     wide.columns = [f"{v}[{s}]" for v, s in wide.columns]
     return wide.reset_index()
-
-
-def build_report(root: str | Path) -> Report:
-    root = Path(root)
-    summaries = results.load_summaries(root)
-    steps, layer = results.load_steps(root), results.load_layer(root)
-    runs = comparison_table(summaries)
-    rep = Report(root=root, runs=runs, failed=failed_table(summaries), layer=layer_table(layer),
-                 steps=step_table(steps, summaries), scaling=scaling_table(runs), traces=trace_table(summaries),
-                 trace_sizes=trace_size_table(results.load_trace_sizes(root), summaries),
-                 uses_wandb="logger" in summaries and bool((summaries["logger"] == "wandb").any()))
-    step_rows = pd.DataFrame()
-    if not rep.steps.empty:  # the layer plot's axes fit step rows too: one "unit" is then one engine step
-        step_rows = rep.steps[rep.steps["strategy"] != "none"].rename(
-            columns={"model": "arch", "num_tokens": "tokens"}).assign(unit="step")
-        step_rows["strategy"] = [console.with_variant(s, v)
-                                 for s, v in zip(step_rows["strategy"], step_rows["variant"])]
-    if not steps.empty and "run" in steps:  # a line per variant in the latency figure too
-        variants = _variants_by_run(summaries)
-        steps = steps.assign(strategy=[console.with_variant(s, variants.get(r, "")) for s, r in
-                                       zip(steps["strategy"], steps["run"])])
-    for name, fig in (("latency_vs_tokens", plots.step_latency_vs_tokens(steps) if not steps.empty else None),
-                      ("speedup_vs_blocking", plots.speedup_over_blocking(runs)),
-                      ("step_overlap", plots.layer_overlap(step_rows)),
-                      ("layer_overlap", plots.layer_overlap(layer))):
-        if fig is not None:
-            rep.figures[name] = fig
-    return rep
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_none_\n"
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(rep: Report, out: str | Path) -> Path:
-    """Write the report (format by suffix: .md or .html) and its figures next to it."""
-    out = Path(out)
-    if out.suffix not in (".md", ".html"):
-        raise ValueError(f"report format must be .md or .html, got {out.name!r}")
-    assets = out.with_name(f"{out.stem}_files")
-    assets.mkdir(parents=True, exist_ok=True)
-    images = {}
-    for name, fig in rep.figures.items():
-        path = assets / f"{name}.png"
-        results.atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
-        images[name] = f"{assets.name}/{path.name}"
-    sections = [("Runs", rep.runs), ("Failed runs", rep.failed), ("TP scaling", rep.scaling),
-                ("Step latency per size: median ms (overlap efficiency)", console.step_frame(rep.steps)),
-                ("Step latencies", rep.steps), ("Traces (per step)", rep.traces),
-                ("Traced steps by size", rep.trace_sizes), ("Layer sweep", rep.layer)]
-    if out.suffix == ".md":
-        parts = [f"# nanovllm_lab report: {rep.root}\n"]
-        for title, df in sections:
-            if title == "Runs" or not df.empty:
-                parts.append(f"## {title}\n\n{markdown_table(df)}")
-        parts += [f"## {name.replace('_', ' ')}\n\n![{name}]({src})\n" for name, src in images.items()]
-        text = "\n".join(parts)
-    else:
-        body = [f"<h1>nanovllm_lab report: {html.escape(str(rep.root))}</h1>"]
-        for title, df in sections:
-            if title == "Runs" or not df.empty:
-                body.append(f"<h2>{title}</h2>" + df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4g}"))
-        body += [f'<h2>{name.replace("_", " ")}</h2><img src="{src}" alt="{name}">' for name, src in images.items()]
-        text = ("<!doctype html><html><head><meta charset='utf-8'><title>nanovllm_lab report</title><style>"
-                "table{border-collapse:collapse;font:12px monospace}td,th{border:1px solid #ccc;padding:2px 6px}"
-                "</style></head><body>" + "\n".join(body) + "</body></html>\n")
-    results.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    return out
-
-
-def log_report_to_wandb(rep: Report, project: str = "nanovllm_lab", mode: str = "offline") -> None:
-    """One wandb run (job_type report, grouped by the directory's name) holding the tables and figures."""
-    import wandb
-    from nanovllm_lab.lab.loggers import figure_image, wandb_settings
-    run = wandb.init(project=project, group=rep.root.name, job_type="report", name=f"report_{rep.root.name}",
-                     dir=str(rep.root), mode=mode, reinit="finish_previous", settings=wandb_settings(60.0))
-    def table(df: pd.DataFrame) -> "wandb.Table":  # NaN -> None: wandb tables reject NaN in object columns
-        return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
-
-    payload: dict[str, Any] = {"runs": table(rep.runs)}
-    for name, df in (("layer", rep.layer), ("scaling", rep.scaling), ("steps", rep.steps), ("traces", rep.traces),
-                     ("trace_sizes", rep.trace_sizes)):
-        if not df.empty:
-            payload[name] = table(df)
-    payload.update({name: figure_image(fig) for name, fig in rep.figures.items()})
-    run.log(payload)
-    run.finish()
