@@ -3,7 +3,8 @@
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill] [prefill_graph]
 #                                                         [symm_large] [two_shot] [ce] [lamport_pps] [prefetch] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
-#   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies;
+#   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies and
+#   BENCH_ARGS more overrides for it (e.g. "elementwise_kernels=torch,triton");
 #   MODEL and TP the model and tensor-parallel size of the tp>1 stages (default qwen3-8b, 2); STEP_STRATEGIES the
 #   decode/prefill sweeps' strategies and STEP_ARGS extra overrides for them (e.g. "workload.batch_sizes=[192,256]");
 #   SCALING_TP and SCALING_STRATEGIES the scaling stage's sweep.

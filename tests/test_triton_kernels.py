@@ -647,8 +647,9 @@ def test_qk_kernel_is_used_only_for_power_of_two_head_dims():
     assert not Qwen3Attention(dataclasses.replace(arch, head_dim=96)).fused_qk
 
 
+@pytest.mark.parametrize("nq, nk", [(4, 2), (6, 1), (16, 4)])  # one 8-head program; partial blocks; mixed q/k/v
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype):
+def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype, nq, nk):
     """With the cache, the kernel writes this step's k (normalised, rotated) and v into the paged cache at each
     token's slot, and nothing for slot -1 (a padding token): the same cache as the eager path's k and v through
     store_kvcache_torch, everywhere but the scratch slot the torch version parks padding in."""
@@ -656,7 +657,7 @@ def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype):
     from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
 
     g = _gen(11)
-    nq, nk, d, n, blocks, bs = 4, 2, 16, 6, 3, 4
+    d, n, blocks, bs = 16, 6, 3, 4
     q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
     q_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
     k_norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
@@ -711,3 +712,53 @@ def test_only_the_triton_backend_takes_a_fused_cache_write():
         assert len(calls) == 1
     finally:
         reset_context()
+
+
+def test_qwen3_attention_with_the_fused_kernel_equals_the_eager_path(monkeypatch):
+    """Qwen3Attention's fused branch (taken on CUDA; forced here) against its eager branch, through a prefill and
+    a decode step on the triton backend: the same outputs and the same KV cache, and the backend's own store
+    never runs on the fused branch (a missing or doubled cache write would show)."""
+    import dataclasses
+
+    from nanovllm_lab.models import qwen3
+    from nanovllm_lab.models.arch import load_arch
+    from nanovllm_lab.utils.context import reset_context, set_context
+
+    arch = dataclasses.replace(load_arch("tiny"), num_hidden_layers=1)
+    torch.manual_seed(0)
+    layer = qwen3.Qwen3Attention(arch)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.2)
+    layer.q_norm.weight.data.uniform_(0.5, 1.5)
+    layer.k_norm.weight.data.uniform_(0.5, 1.5)
+    bs, blocks, n = 4, 4, 5
+    shape = (blocks, bs, layer.num_kv_heads, layer.head_dim)
+    x = torch.randn(n, arch.hidden_size)
+    x_dec = torch.randn(1, arch.hidden_size)
+    prefill = dataclasses.replace(_prefill_ctx([n], [n]), slot_mapping=torch.tensor([4, 5, 6, 7, 8], dtype=torch.int32))
+    decode = AttentionContext(is_prefill=False, slot_mapping=torch.tensor([9], dtype=torch.int32),
+                              context_lens=torch.tensor([n + 1], dtype=torch.int32),
+                              block_tables=torch.tensor([[1, 2]], dtype=torch.int32))
+
+    def run(fused: bool):
+        monkeypatch.setattr(qwen3, "use_triton", lambda t: fused)
+        layer.attn.backend = TRI
+        layer.attn.k_cache, layer.attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+        stores = []
+        monkeypatch.setattr(TRI, "store_kv", lambda *a: (stores.append(1), TritonAttentionBackend.store_kv(TRI, *a)))
+        outs = []
+        try:
+            for ctx, inp, pos in ((prefill, x, torch.arange(n)), (decode, x_dec, torch.tensor([n]))):
+                set_context(ctx)
+                outs.append(layer(pos, inp))
+        finally:
+            reset_context()
+        return outs, layer.attn.k_cache.clone(), layer.attn.v_cache.clone(), len(stores)
+
+    (p_ref, d_ref), kc_ref, vc_ref, stores_ref = run(False)
+    (p_got, d_got), kc, vc, stores = run(True)
+    assert stores_ref == 2 and stores == 0
+    torch.testing.assert_close(kc, kc_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vc, vc_ref) and kc.abs().sum() > 0
+    torch.testing.assert_close(p_got, p_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d_got, d_ref, rtol=1e-4, atol=1e-4)

@@ -104,10 +104,12 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
     if cache is not None:
         k_cache, v_cache, slots = cache
         if (k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.dim() != 4
-                or k_cache.shape[2:] != (num_k, head_dim) or k_cache.stride(3) != 1 or slots.shape != (n,)):
+                or k_cache.shape[2:] != (num_k, head_dim) or k_cache.stride(3) != 1 or slots.shape != (n,)
+                or slots.stride(0) != 1 or slots.device != qkv.device or k_cache.device != qkv.device):
             raise ValueError(f"qk_norm_rope: the cache must be two [blocks, block_size, {num_k}, {head_dim}] tensors "
-                             f"of one layout and the slots one per token, got {tuple(k_cache.shape)}, "
-                             f"{tuple(v_cache.shape)}, slots {tuple(slots.shape)}")
+                             f"of one layout and the slots one per token, contiguous, all on qkv's device; got "
+                             f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}, slots {tuple(slots.shape)} strides "
+                             f"{slots.stride()}")
         cache_args = (slots, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         block_size = k_cache.shape[1]
     else:

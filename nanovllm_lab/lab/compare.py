@@ -18,14 +18,11 @@ overlap efficiency per strategy, phase and token count.
 from __future__ import annotations
 
 import json
-import logging
 
 import pandas as pd
 
 from nanovllm_lab.lab import results
 from nanovllm_lab.lab.trace import KERNEL_CLASSES
-
-log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "variant", "device", "throughput_tok_s",
                "speedup_vs_blocking", "overlap_efficiency", "exposed_comm_share", "prefill_latency_ms_p50",

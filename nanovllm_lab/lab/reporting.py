@@ -5,7 +5,6 @@ HTML (`python -m nanovllm_lab.report DIR --out report.md`), or logged to wandb. 
 from __future__ import annotations
 
 import html
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,6 @@ from matplotlib.figure import Figure
 from nanovllm_lab.lab import console, plots, results
 from nanovllm_lab.lab.compare import (variants_by_run, comparison_table, failed_table, layer_table, scaling_table,
                                       step_table, trace_size_table, trace_table)
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Report:
