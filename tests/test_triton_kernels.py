@@ -588,10 +588,8 @@ def test_silu_and_mul_writes_into_out_and_rejects_bad_shapes():
 
 # -- q/k norm + RoPE (kernels/qk_norm_rope.py) against the eager path of models/qwen3.py ----------------------
 def _qk_reference(qkv, positions, q_norm, k_norm, rope, nq, nk, d):
-    q, k, _ = qkv.split([nq * d, nk * d, nk * d], -1)
-    q = q_norm.norm(q.reshape(-1, nq, d))
-    k = k_norm.norm(k.reshape(-1, nk, d))
-    return rope.rotate_qk(positions, q, k)
+    from nanovllm_lab.models.qwen3 import qk_norm_rope_torch
+    return qk_norm_rope_torch(qkv, positions, q_norm, k_norm, rope, nq, nk, d)[:2]
 
 
 @pytest.mark.parametrize("nq, nk, d", [(4, 2, 16), (6, 1, 8), (2, 2, 64)])  # 6 + 1 heads: a partial head block

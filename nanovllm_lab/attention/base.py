@@ -26,6 +26,9 @@ class AttentionBackend:
     """
 
     name = "base"
+    # Whether store_kv is kernels/store_kv.py's (this cache layout, slot -1 skipped), so that a kernel that
+    # computes K anyway may write the cache in its place (layers/attention.py fused_store_target).
+    fused_store = False
     # Decode batches above this are not captured in CUDA graphs (the torch backend's gather grows with batch x
     # max_model_len inside the graph pool, which the KV-cache sizing does not see).
     max_graph_batch = 1 << 30

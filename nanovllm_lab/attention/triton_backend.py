@@ -42,6 +42,7 @@ def _load_varlen_attn() -> tuple[Callable | None, set[str]]:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    fused_store = True
 
     # Off by default: on torch 2.11 varlen_attn measured slower than our kernel for long prompts (H200, bf16,
     # causal, 8k tokens, head dim 128: 306 vs 417 TFLOP/s) and it has no GQA option, which every Qwen3 needs.

@@ -145,6 +145,7 @@ def bench_qk_norm_rope(tokens: int, num_q: int = 32, num_kv: int = 8, head_dim: 
     from nanovllm_lab.kernels.qk_norm_rope import qk_norm_rope
     from nanovllm_lab.layers.layernorm import RMSNorm
     from nanovllm_lab.layers.rotary_embedding import RotaryEmbedding
+    from nanovllm_lab.models.qwen3 import qk_norm_rope_torch
 
     with torch.device(device):
         q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
@@ -155,13 +156,8 @@ def bench_qk_norm_rope(tokens: int, num_q: int = 32, num_kv: int = 8, head_dim: 
         fn = lambda: qk_norm_rope(qkv, positions, rope.cos_sin, q_norm.weight, k_norm.weight,  # noqa: E731
                                   q_norm.eps, num_q, num_kv, head_dim)
     elif impl == "compiled":
-        def region(positions, qkv):
-            q, k, _ = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], -1)
-            q = q_norm.norm(q.reshape(-1, num_q, head_dim))
-            k = k_norm.norm(k.reshape(-1, num_kv, head_dim))
-            return rope.rotate_qk(positions, q, k)
-        compiled = torch.compile(region, dynamic=True)
-        fn = lambda: compiled(positions, qkv)  # noqa: E731
+        compiled = torch.compile(qk_norm_rope_torch, dynamic=True)
+        fn = lambda: compiled(qkv, positions, q_norm, k_norm, rope, num_q, num_kv, head_dim)  # noqa: E731
     else:
         raise ValueError(f"bench_qk_norm_rope: impl must be triton or compiled, got {impl!r}")
     fn()  # compile outside the timed (and captured) region

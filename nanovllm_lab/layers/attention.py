@@ -20,8 +20,8 @@ class Attention(nn.Module):
 
     def fused_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(k_cache, v_cache, slot_mapping) for a kernel that writes this step's K/V itself, where the backend's
-        store is kernels/store_kv.py's (the triton backend: that layout, slot -1 skipped); else None."""
-        if self.backend is None or self.backend.name != "triton" or not self.k_cache.numel():
+        store is kernels/store_kv.py's (`AttentionBackend.fused_store`: the triton backend); else None."""
+        if self.backend is None or not self.backend.fused_store or not self.k_cache.numel():
             return None
         return self.k_cache, self.v_cache, get_context().slot_mapping
 

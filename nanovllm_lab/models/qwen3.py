@@ -21,6 +21,17 @@ from nanovllm_lab.models.arch import ModelArch
 from nanovllm_lab.utils.compile import compilable, use_triton
 
 
+def qk_norm_rope_torch(qkv: torch.Tensor, positions: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                       rope: RotaryEmbedding, num_q: int, num_k: int, head_dim: int):
+    """The attention prologue in PyTorch: split qkv, per-head q/k RMSNorm, RoPE -> q, k, v. Qwen3Attention's
+    path where the fused kernel does not run, and that kernel's reference (kernels/qk_norm_rope.py)."""
+    q, k, v = qkv.split([num_q * head_dim, num_k * head_dim, num_k * head_dim], -1)
+    q = q_norm.norm(q.reshape(-1, num_q, head_dim))
+    k = k_norm.norm(k.reshape(-1, num_k, head_dim))
+    q, k = rope.rotate_qk(positions, q, k)
+    return q, k, v
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, a: ModelArch) -> None:
         super().__init__()
@@ -58,11 +69,8 @@ class Qwen3Attention(nn.Module):
         """Split, per-head q/k RMSNorm and RoPE as one compiled region: inductor fuses each of q and k into one
         kernel (norm + rotation), where separate regions for the two norms and RoPE launched four per layer
         (session 3's decode profile). Eager, it is the same operations in the same order."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = self.q_norm.norm(q.reshape(-1, self.num_heads, self.head_dim))
-        k = self.k_norm.norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb.rotate_qk(positions, q, k)
-        return q, k, v
+        return qk_norm_rope_torch(qkv, positions, self.q_norm, self.k_norm, self.rotary_emb, self.num_heads,
+                                  self.num_kv_heads, self.head_dim)
 
 
 class Qwen3MLP(nn.Module):

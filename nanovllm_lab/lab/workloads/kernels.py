@@ -3,8 +3,8 @@
 Decode attention (memory bound) as achieved GB/s over the measured device-to-device copy bandwidth, per batch
 x context; prefill attention (compute bound, causal, head dim 128, GQA 32/8) as TFLOP/s over the measured bf16
 matmul rate, per token count; SiLU-and-mul and the q/k norm + RoPE (the Triton kernels and the compiled PyTorch
-versions they replace) as GB/s over the copy bandwidth, per token count x width. Timing: `triton.testing.do_bench` medians (decode
-attention and SiLU-and-mul replayed from a CUDA graph). Needs CUDA; no engine starts.
+versions they replace) as GB/s over the copy bandwidth, per token count x width. Timing: `triton.testing.do_bench`
+medians (decode attention and the elementwise kernels replayed from a CUDA graph). Needs CUDA; no engine starts.
 """
 from __future__ import annotations
 
