@@ -42,6 +42,9 @@ class Config:
     load_format: str = "auto"
     seed: int = 0
     strategy: Any = "blocking"  # a registered name or a strategy config dataclass (nanovllm_lab.comm)
+    # Run rank 0 of the tensor_parallel_size-way shard alone on one device, with no peers: one rank's compute at
+    # tp=N (shard shapes) for strategies that communicate nothing (none, none_mb). See single_rank_check below.
+    single_rank: bool = False
     # Filled by resolve():
     arch: ModelArch | None = field(default=None, repr=False)
 
@@ -70,6 +73,7 @@ class Config:
         need(self.torch_compile is None or isinstance(self.torch_compile, bool), "torch_compile",
              "must be a bool or None (automatic)")
         need(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
+        need(isinstance(self.single_rank, bool), "single_rank", "must be a bool")
         need(self.elementwise_kernels in ELEMENTWISE_KERNELS, "elementwise_kernels",
              f"must be one of {list(ELEMENTWISE_KERNELS)}")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model directory or a built-in name")
@@ -97,7 +101,7 @@ class Config:
                 f"Config.tensor_parallel_size={tp} must divide the attention heads ({arch.num_attention_heads}) "
                 f"and the KV heads ({arch.num_key_value_heads}) of {cfg.model!r}")
         available = torch.cuda.device_count() if cfg.device.startswith("cuda") else (os.cpu_count() or 1)
-        if tp > available:
+        if tp > available and not cfg.single_rank:  # single_rank runs one rank on one device
             kind = "CUDA devices" if cfg.device.startswith("cuda") else "CPU cores"
             raise ValueError(f"Config.tensor_parallel_size={tp} exceeds the {available} {kind} available")
         if cfg.torch_compile is None:  # measured on an H200: decode step 10.7 -> 7.2 ms (results/LOG.md)
@@ -117,8 +121,22 @@ class Config:
         cfg.attention_backend = resolve_backend(cfg.attention_backend, cfg.device)
         from nanovllm_lab.comm import resolve_strategy
         cfg.strategy = resolve_strategy(cfg.strategy)
+        if cfg.single_rank and tp > 1:
+            single_rank_check(cfg.strategy.name)
         return cfg
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def single_rank_check(strategy: str) -> None:
+    """Config.single_rank has no peers to communicate with: only a strategy whose outputs are wrong by design
+    because it skips every reduction (valid_outputs False: none, none_mb) can run that way. Its step then times
+    what the same strategy's rank 0 computes at tp=N, less the logits all-gather, which it replaces by a local
+    copy of the same bytes (comm/base.py)."""
+    from nanovllm_lab.comm.base import STRATEGIES
+    if STRATEGIES.get(strategy)[1].valid_outputs:
+        allowed = sorted(n for n in STRATEGIES.names() if not STRATEGIES.get(n)[1].valid_outputs)
+        raise ValueError(f"Config.single_rank runs rank 0 with no peers, so strategy {strategy!r}, which "
+                         f"communicates, cannot run; use one that skips communication: {', '.join(allowed)}")

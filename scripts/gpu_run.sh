@@ -2,6 +2,7 @@
 # On a GPU machine: GPU tests and the lab's benchmarks, with the card, versions and git SHA beside the numbers.
 #   GIT_SHA=$(git rev-parse HEAD) bash scripts/gpu_run.sh [tests] [bench] [kernels] [layer] [steps|decode|prefill] [prefill_graph]
 #                                                         [symm_large] [two_shot] [ce] [lamport_pps] [prefetch] [trace] [trace_prefill] [scaling]  (MODEL=qwen3-32b: tp>1 ones)
+#                                                         [split_cost]  (one GPU: rank 0 of tp=$TP alone, single_rank=true)
 #   (default: tests bench kernels layer steps; `scaling` is the tp=1..N study of conf/experiment/tp_scaling.yaml)
 #   TEST_FILES / TESTS_K pick test files / a pytest -k expression; BENCH_STRATEGIES the tp>1 bench strategies and
 #   BENCH_ARGS more overrides for it (e.g. "elementwise_kernels=torch,triton");
@@ -37,6 +38,8 @@ TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: is
 # its box still has them.
 # (qwen3-32b: about 70 s per strategy, so a 300 s box holds four.)
 STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,lamport_norm,symm_norm,overlap,async_ce,async_tp,symm,rsag,async_rsag,chunked,async}
+fits() {  # enough GPUs for tp=$TP, or STEP_ARGS runs rank 0 alone (single_rank=true: one GPU will do)
+  [ "$ngpu" -ge "$TP" ] || [[ " ${STEP_ARGS:-} " == *" single_rank=true "* ]]; }
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -85,6 +88,12 @@ for stage in $stages; do
                "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${PG_STRATEGIES:-blocking,none,none_mb,async_ce,async_rsag_ce,symm_norm,async_rsag} ${STEP_ARGS:-}
                [ -n "${PG_EXTRA:-}" ] && stage=prefill_graph_extra lab -m workload=prefill model=$M tp=$TP prefill_graphs=4 \
                  workload.warmup=2 "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" $PG_EXTRA; } ;;
+    split_cost)  # one rank's compute at tp=$TP on one GPU (single_rank=true: rank 0 alone, no peers): none and
+             # none_mb on prefill steps from graphs. none_mb - none is the micro-batch split's own cost, which caps
+             # what any micro-batching strategy can hide (the none_mb ceiling). SR_ARGS: more overrides, e.g.
+             # "elementwise_kernels=torch,triton" or "strategy.micro_batches=2,3".
+             lab -m workload=prefill model=$M tp=$TP single_rank=true prefill_graphs=4 workload.warmup=2 \
+               "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${SR_STRATEGIES:-none,none_mb} ${SR_ARGS:-} ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
              # bytes as NCCL's ring (1x the partial sum per rank), and fusing the residual add + RMSNorm saves a pass
              # over the activations. Prefill steps and bench in one multirun; run it in the call that runs
@@ -117,14 +126,14 @@ for stage in $stages; do
                +strategy=lamport_norm strategy.programs_per_sm=4 strategy.prefetch_mib=${PF_MIB:-0,16,32} ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              # (TRACE_STRATEGIES / TRACE_BATCHES narrow it; TP=1 runs on one GPU: where a decode step's time goes)
-             [ "$ngpu" -ge "$TP" ] && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 \
+             fits && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 \
                "workload.batch_sizes=${TRACE_BATCHES:-[8,128]}" +strategy=${TRACE_STRATEGIES:-blocking,overlap,none,symm_norm} ;;
     trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
              # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once; STEP_ARGS
              # adds overrides, e.g. "prefill_graphs=4 workload.warmup=2": graphs captured before the traced part)
              # (TP=1 runs it on one GPU: where the compute time goes, without communication)
-             [ "$ngpu" -ge "$TP" ] && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
+             fits && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
                workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ${STEP_ARGS:-} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;

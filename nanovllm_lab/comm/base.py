@@ -97,6 +97,7 @@ class CommStrategy:
         self.cfg = cfg
         self.rank = info.rank
         self.world_size = info.world_size
+        self.single_rank = info.single_rank  # no peers (Config.single_rank): only non-communicating strategies
         self.device = torch.device(info.device)
 
     # -- collectives -------------------------------------------------------------------------------
@@ -129,6 +130,8 @@ class CommStrategy:
         microseconds over NVLink."""
         if self.world_size == 1:
             return logits
+        if self.single_rank:  # no peers: this shard stands in for theirs (wrong values, the gather's output bytes)
+            return logits.repeat(1, self.world_size)
         logits = logits.contiguous()
         out = torch.empty((self.world_size * logits.shape[0], logits.shape[1]), dtype=logits.dtype,
                           device=logits.device)

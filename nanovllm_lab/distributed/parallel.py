@@ -25,6 +25,8 @@ class ParallelInfo:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    single_rank: bool = False  # rank 0 of world_size alone: shard shapes, no peers, no process group
+
 
 
 _INFO = ParallelInfo()
@@ -42,9 +44,23 @@ def tp_size() -> int:
 
 
 def init_distributed(rank: int, world_size: int, device: str, init_file: str | None,
-                     timeout_s: float = 600.0) -> ParallelInfo:
-    """Set this process's rank and, when world_size > 1, join the process group (nccl on cuda, gloo on cpu)."""
+                     timeout_s: float = 600.0, single_rank: bool = False) -> ParallelInfo:
+    """Set this process's rank and, when world_size > 1, join the process group (nccl on cuda, gloo on cpu).
+
+    With `single_rank` this process is rank 0 of a world_size-way shard with no peers: layers are sized as rank
+    0's, no process group is joined, and only strategies that communicate nothing can run (Config.single_rank).
+    It measures one rank's compute at tp=N on one device."""
     global _INFO
+    if single_rank:
+        if rank != 0:
+            raise ValueError(f"single_rank runs rank 0 alone, got rank {rank}")
+        for k, v in SAFE_ENV.items():
+            os.environ[k] = v
+        dev = "cuda:0" if device.startswith("cuda") else "cpu"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(0)
+        _INFO = ParallelInfo(0, world_size, dev, single_rank=True)
+        return _INFO
     if _STUCK_TEARDOWN and world_size > 1:
         raise RuntimeError(f"cannot start a tensor-parallel engine in this process: {_STUCK_TEARDOWN}. "
                            "Start the next engine in a new process.")

@@ -32,7 +32,9 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.arch)
         tp = config.tensor_parallel_size
-        self.control: ControlPlane = PipeControlPlane(config, tp) if tp > 1 else ControlPlane()
+        # single_rank: rank 0 of the tp-way shard runs alone (Config.single_rank), no workers
+        spawn = tp > 1 and not config.single_rank
+        self.control: ControlPlane = PipeControlPlane(config, tp) if spawn else ControlPlane()
         self._closed = False
         atexit.register(self.exit)
         try:

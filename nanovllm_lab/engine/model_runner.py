@@ -49,7 +49,8 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         arch = config.arch
-        self.info = init_distributed(rank, config.tensor_parallel_size, config.device, init_file)
+        self.info = init_distributed(rank, config.tensor_parallel_size, config.device, init_file,
+                                     single_rank=config.single_rank and config.tensor_parallel_size > 1)
         try:
             self.device = torch.device(self.info.device)
             self.dtype = config.torch_dtype
@@ -175,7 +176,7 @@ class ModelRunner:
             num_blocks = int(budget) // block_bytes - 1
         else:
             num_blocks = c.cpu_kvcache_bytes // block_bytes - 1
-        if self.info.world_size > 1:  # every rank must agree on the block count
+        if self.info.world_size > 1 and not self.info.single_rank:  # every rank must agree on the block count
             t = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             num_blocks = int(t.item())

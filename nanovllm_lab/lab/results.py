@@ -214,4 +214,8 @@ def run_variants(summaries: pd.DataFrame, group: tuple[str, ...] = VARIANT_GROUP
         for i in positions:
             if sets[i] is not None:
                 out[i] = " ".join(sorted(sets[i] - shared))
+    if "single_rank" in summaries.columns:  # rank 0 alone is never pooled with real tp=N runs, shared or not
+        for i, alone in enumerate(summaries["single_rank"]):
+            if pd.notna(alone) and bool(alone) and "single_rank=true" not in out[i].split():
+                out[i] = " ".join(sorted([*out[i].split(), "single_rank=true"]))
     return pd.Series(out, index=summaries.index, dtype=object)

@@ -76,7 +76,8 @@ def _execute(settings: RunSettings, workload: Workload, run_dir: Path) -> tuple[
             llm = LLM(settings.model, **settings.engine_kwargs)
             llm.model_runner.step_hooks.append(recorder)
             engine = {"device": llm.config.device, "dtype": llm.config.dtype, "valid_outputs": llm.valid_outputs,
-                      "num_kvcache_blocks": llm.model_runner.num_kvcache_blocks}
+                      "num_kvcache_blocks": llm.model_runner.num_kvcache_blocks,
+                      "single_rank": llm.model_runner.info.single_rank}
         else:
             from nanovllm_lab.comm import STRATEGIES, resolve_strategy
             cls = STRATEGIES.get(resolve_strategy(dict(settings.strategy)).name)[1]
@@ -123,6 +124,9 @@ def run_job(cfg: DictConfig, job: JobInfo) -> dict[str, Any]:
         settings = settings_from_config(cfg)
         results.write_yaml(run_dir / "config.yaml", settings.config)
         workload = WORKLOADS.get(settings.workload.name)(settings.workload, settings)  # checks params
+        if settings.engine_kwargs.get("single_rank") and settings.tp > 1 and not workload.needs_engine:
+            raise LabConfigError(f"single_rank=true runs the engine's rank 0 alone; workload "
+                                 f"{settings.workload.name!r} does not run the engine (drop single_rank)")
         env = capture_env()
         results.write_json(run_dir / "env.json", env)
         logger = LOGGERS.get(settings.logger.name)(settings.logger)

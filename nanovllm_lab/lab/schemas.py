@@ -187,6 +187,7 @@ class LabConfig:
     torch_compile: Optional[bool] = None  # fuse the small elementwise layers with torch.compile; null: on for cuda
     elementwise_kernels: str = "auto"  # SiLU-and-mul, q/k norm + RoPE: triton or torch; auto: triton on cuda
     async_scheduling: bool = True  # queue decode step N+1 before step N's tokens reach the host (ignore_eos)
+    single_rank: bool = False       # tp=N's rank 0 alone on one device (none, none_mb only): one rank's compute
     max_model_len: int = 4096
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1

@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from nanovllm_lab.lab.schemas import LOGGER_SCHEMAS, LabConfig, LoggerSchema, WorkloadSchema
 
 # LabConfig fields that are nanovllm_lab.Config fields under the same name.
-_ENGINE_FIELDS = ("device", "dtype", "enforce_eager", "prefill_graphs", "torch_compile", "elementwise_kernels", "async_scheduling", "max_model_len",
+_ENGINE_FIELDS = ("device", "dtype", "enforce_eager", "prefill_graphs", "torch_compile", "elementwise_kernels", "async_scheduling",
+                  "single_rank", "max_model_len",
                   "kvcache_block_size", "num_kvcache_blocks", "max_num_seqs", "max_num_batched_tokens",
                   "gpu_memory_utilization", "attention_backend", "seed")
 
