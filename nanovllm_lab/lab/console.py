@@ -49,7 +49,14 @@ def print_table(df: pd.DataFrame, title: str) -> None:
     table = Table(title=title, title_justify="left")
     for col in df.columns:
         # plain text too: a variant's label ("blocking [elementwise_kernels=triton]") is not markup
-        table.add_column(Text(HEADERS.get(str(col), str(col))), overflow="fold", no_wrap=col != "run")
+        header = HEADERS.get(str(col), str(col))
+        # Numbers never wrap. Run names, variants and long labels (a per-size table's "none_mb [single_rank=
+        # true]") may, each keeping a readable minimum, so that a wide sweep folds them instead of squeezing the
+        # run column to one character (seen in a 160-column log).
+        wraps = col in ("run", "variant") or len(header) > 24
+        longest = max([len(header), *(len(_fmt(v)) for v in df[col])]) if len(df) else len(header)
+        table.add_column(Text(header), overflow="fold", no_wrap=not wraps,
+                         min_width=min(longest, 16) if wraps else None)
     for row in df.itertuples(index=False):
         table.add_row(*(Text(_fmt(v)) for v in row))  # plain text: an error message's "[/path]" is not markup
     # A terminal's own width; a pipe or a log file gets a wide fixed one rather than rich's 80 columns.
