@@ -29,13 +29,7 @@ def prefill_logits(strategy, **kwargs) -> tuple[list[torch.Tensor], dict]:
     llm = LLM("tiny", strategy=strategy, **{**ENGINE, **kwargs})
     try:
         logits: list[torch.Tensor] = []
-        sampler = llm.model_runner.sampler
-
-        def recording(lg, temps, gen):
-            logits.append(lg.detach().clone())
-            return sampler(lg, temps, gen)
-
-        llm.model_runner.sampler = recording
+        llm.model_runner.logits_log = logits  # each step's gathered logits, as the sampler gets them
         spawned = isinstance(llm.control, PipeControlPlane)
         grouped = dist.is_initialized()
         out = llm.generate(PROMPTS, ONE, use_tqdm=False)
