@@ -56,6 +56,7 @@ for stage in $stages; do
              for f in ${TEST_FILES:-tests/test_triton_gpu.py tests/test_engine_gpu.py tests/test_strategies_gpu.py \
                       tests/test_distributed_gpu.py tests/test_flash_attn_backend.py}; do
                box=${TESTS_S:-150}; [ "$f" = tests/test_strategies_gpu.py ] && box=${TESTS_S:-570}  # ~30 tp=2 engines, one process each
+               [ "$f" = tests/test_engine_gpu.py ] && box=${TESTS_S:-240}  # 4 compiled engines: 170 s cut the 4th (session 14)
                timeout "$box" python3 -m pytest -m gpu -v --tb=short --durations=12 -p no:cacheprovider \
                  ${TESTS_K:+-k "$TESTS_K"} "$f" \
                  > "$O/tests_$(basename "$f" .py).log" 2>&1
