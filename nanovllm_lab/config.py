@@ -131,12 +131,12 @@ class Config:
 
 
 def single_rank_check(strategy: str) -> None:
-    """Config.single_rank has no peers to communicate with: only a strategy whose outputs are wrong by design
-    because it skips every reduction (valid_outputs False: none, none_mb) can run that way. Its step then times
-    what the same strategy's rank 0 computes at tp=N, less the logits all-gather, which it replaces by a local
-    copy of the same bytes (comm/base.py)."""
+    """Config.single_rank has no peers to communicate with: only a strategy that issues no collective at all
+    (`CommStrategy.communicates` False: none, none_mb) can run that way. Its step then times what the same
+    strategy's rank 0 computes at tp=N, less the logits all-gather, which it replaces by a local copy of the same
+    bytes (comm/base.py)."""
     from nanovllm_lab.comm.base import STRATEGIES
-    if STRATEGIES.get(strategy)[1].valid_outputs:
-        allowed = sorted(n for n in STRATEGIES.names() if not STRATEGIES.get(n)[1].valid_outputs)
+    if STRATEGIES.get(strategy)[1].communicates:
+        allowed = sorted(n for n in STRATEGIES.names() if not STRATEGIES.get(n)[1].communicates)
         raise ValueError(f"Config.single_rank runs rank 0 with no peers, so strategy {strategy!r}, which "
                          f"communicates, cannot run; use one that skips communication: {', '.join(allowed)}")

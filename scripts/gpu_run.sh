@@ -38,8 +38,8 @@ TP=${TP:-2}            # their tensor-parallel size (TP=4 on a 4-GPU machine: is
 # its box still has them.
 # (qwen3-32b: about 70 s per strategy, so a 300 s box holds four.)
 STEP_STRATEGIES=${STEP_STRATEGIES:-blocking,none,lamport_norm,symm_norm,overlap,async_ce,async_tp,symm,rsag,async_rsag,chunked,async}
-fits() {  # enough GPUs for tp=$TP, or STEP_ARGS runs rank 0 alone (single_rank=true: one GPU will do)
-  [ "$ngpu" -ge "$TP" ] || [[ " ${STEP_ARGS:-} " == *" single_rank=true "* ]]; }
+alone() { [[ " ${STEP_ARGS:-} " == *" single_rank=true "* ]]; }  # STEP_ARGS runs rank 0 alone (none, none_mb only)
+fits() { [ "$ngpu" -ge "$TP" ] || alone; }  # enough GPUs for tp=$TP, or one will do
 lab() {  # the whole output to $O/<stage>.log, its tail to the console; a stage's exit time is logged too
   local t0=$SECONDS; timeout "$S" python3 -m nanovllm_lab.run "$@" results_dir="$O/lab" progress=false \
     > "$O/$stage.log" 2>&1; local rc=$?
@@ -92,7 +92,8 @@ for stage in $stages; do
     split_cost)  # one rank's compute at tp=$TP on one GPU (single_rank=true: rank 0 alone, no peers): none and
              # none_mb on prefill steps from graphs. none_mb - none is the micro-batch split's own cost, which caps
              # what any micro-batching strategy can hide (the none_mb ceiling). SR_ARGS: more overrides, e.g.
-             # "elementwise_kernels=torch,triton" or "strategy.micro_batches=2,3".
+             # "elementwise_kernels=torch,triton"; SR_STRATEGIES=none_mb with SR_ARGS="strategy.micro_batches=3"
+             # for none_mb's parameters (a parameter cannot sweep beside `none`, which lacks it).
              lab -m workload=prefill model=$M tp=$TP single_rank=true prefill_graphs=4 workload.warmup=2 \
                "workload.tokens=${PG_TOKENS:-[2048,8192,16384]}" +strategy=${SR_STRATEGIES:-none,none_mb} ${SR_ARGS:-} ;;
     symm_large)  # symm_norm fused up to 16384 tokens per step, for prefill: at tp=2 a one-shot read moves the same
@@ -127,15 +128,17 @@ for stage in $stages; do
                +strategy=lamport_norm strategy.programs_per_sm=4 strategy.prefetch_mib=${PF_MIB:-0,16,32} ;;
     trace)   # profiler traces of decode steps (trace evidence for the overlap analysis): blocking vs overlap
              # (TRACE_STRATEGIES / TRACE_BATCHES narrow it; TP=1 runs on one GPU: where a decode step's time goes)
+             # STEP_ARGS adds overrides ("single_rank=true": rank 0 alone, none and none_mb by default)
              fits && lab -m workload=decode model=$M tp=$TP trace=true workload.steps=8 \
-               "workload.batch_sizes=${TRACE_BATCHES:-[8,128]}" +strategy=${TRACE_STRATEGIES:-blocking,overlap,none,symm_norm} ;;
+               "workload.batch_sizes=${TRACE_BATCHES:-[8,128]}" \
+               +strategy=${TRACE_STRATEGIES:-$(alone && echo none,none_mb || echo blocking,overlap,none,symm_norm)} ${STEP_ARGS:-} ;;
     trace_prefill)  # traces of prefill steps: is the engine's eager prefill host-bound (trace_device_busy_fraction),
              # and do rsag/async overlap anything at 8192 tokens, where the layer sweep said they would (session 6)
              # (TRACE_TOKENS / TRACE_STRATEGIES narrow it: the trace covers all of a run's sizes at once; STEP_ARGS
              # adds overrides, e.g. "prefill_graphs=4 workload.warmup=2": graphs captured before the traced part)
              # (TP=1 runs it on one GPU: where the compute time goes, without communication)
              fits && lab -m workload=prefill model=$M tp=$TP trace=true "workload.tokens=${TRACE_TOKENS:-[512,2048,8192]}" \
-               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-blocking,none,async_ce,symm_norm,async,rsag} ${STEP_ARGS:-} ;;
+               workload.repeats=2 +strategy=${TRACE_STRATEGIES:-$(alone && echo none,none_mb || echo blocking,none,async_ce,symm_norm,async,rsag)} ${STEP_ARGS:-} ;;
     scaling) lab -m +experiment=tp_scaling tp=${SCALING_TP:-$(seq -s, 1 "$ngpu" | sed 's/,3//;s/,5,6,7//')} \
                ${SCALING_STRATEGIES:+strategy=$SCALING_STRATEGIES} ;;
     *) echo "unknown stage $stage" ;;

@@ -67,7 +67,7 @@ for _ in range(3):
     attn(); torch.nn.functional.linear(x, w)
 for rnd in range(2):
     for name, loop in (("back to back", back_to_back), ("after a GEMM", after_gemm),
-                       ("after a GEMM + 2 ms idle", after_gemm_and_idle), ("back to back", back_to_back)):
+                       ("after a GEMM + ~1 ms idle", after_gemm_and_idle), ("back to back", back_to_back)):
         ms, clocks, power = sample(loop)
         med = statistics.median(ms)
         print(f"round {rnd} {name:26s}: {med:.3f} ms (p10 {sorted(ms)[3]:.3f}, p90 {sorted(ms)[32]:.3f}) "

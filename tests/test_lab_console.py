@@ -16,3 +16,16 @@ def test_a_header_that_looks_like_rich_markup_prints_as_text(capsys):
     bracket for a style tag and printed two columns both headed "blocking"."""
     print_table(pd.DataFrame({"tokens": [2048], "blocking [elementwise_kernels=triton]": ["49.540"]}), "per size")
     assert "blocking [elementwise_kernels=triton]" in capsys.readouterr().out
+
+
+def test_a_wide_sweep_table_folds_variants_and_keeps_run_names_whole(capsys):
+    """In a log (160 columns), a sweep with a long variant once squeezed the run column to one character per
+    line, "0_none_tp2" printed down the table. Run names now stay whole; the variant folds instead."""
+    row = {"run": "3_none_mb_tp2", "status": "ok", "workload": "prefill", "model": "qwen3-8b", "strategy": "none_mb",
+           "variant": "elementwise_kernels=triton single_rank=true", "tp": 2, "device": "cuda",
+           "throughput_tok_s": 83720.0, "prefill_latency_ms_p50": 96.65, "decode_latency_ms_p50": None,
+           "ttft_ms_p50": 1023.0, "tpot_ms_p50": 9.1, "achieved_over_floor": 0.46, "valid_outputs": False}
+    print_table(pd.DataFrame([row]), "sweep summary")
+    out = capsys.readouterr().out
+    assert "3_none_mb_tp2" in out and "single_rank=true" in out
+    assert max(len(line) for line in out.splitlines()) <= 160

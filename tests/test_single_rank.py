@@ -90,8 +90,12 @@ def test_single_rank_none_mb_splits_like_tp2(tp2_none):
         torch.testing.assert_close(a[:, :half], b[:, :half], atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
 
 
-def test_single_rank_shards_like_rank0_and_ignores_the_device_count():
-    """tp=4 on a 2-core machine is refused for a real engine but runs alone: one process, quarter shards."""
+def test_single_rank_shards_like_rank0_and_ignores_the_device_count(monkeypatch):
+    """tp=4 on a 1-core machine is refused for a real engine but runs alone: one process, quarter shards."""
+    import nanovllm_lab.config as config
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 exceeds the 1 CPU cores"):
+        LLM("tiny", strategy="none", tensor_parallel_size=4, **ENGINE)
     llm = LLM("tiny", strategy="none", tensor_parallel_size=4, single_rank=True, **ENGINE)
     try:
         arch = llm.config.arch
@@ -101,6 +105,21 @@ def test_single_rank_shards_like_rank0_and_ignores_the_device_count():
         assert llm.model_runner.kv_cache.shape[4] == arch.num_key_value_heads // 4
     finally:
         llm.exit()
+
+
+def test_single_rank_decodes_with_async_scheduling():
+    """Decode steps, overlapped with the host's scheduling (rank 0's OverlapDecoder), run alone as well: none_mb
+    at tp=2 gives none's tokens."""
+    got = {}
+    for strategy in ("none", {"name": "none_mb", "min_tokens": 1}):
+        llm = LLM("tiny", strategy=strategy, tensor_parallel_size=2, single_rank=True, async_scheduling=True, **ENGINE)
+        try:
+            out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+            got[str(strategy)] = [o["token_ids"] for o in out]
+        finally:
+            llm.exit()
+    a, b = got.values()
+    assert a == b and all(len(t) == 6 for t in a)
 
 
 @pytest.mark.parametrize("strategy", ["blocking", "async", "chunked", "overlap"])
@@ -135,12 +154,35 @@ def test_lab_records_single_rank_and_the_report_keeps_it_apart(tmp_path):
     s = run_in_process(["workload=prefill", *TINY_WORKLOAD["prefill"], "tp=2", "+strategy=none", "single_rank=true",
                         "device=cpu", "enforce_eager=true"], tmp_path / "run")
     assert s["single_rank"] is True and s["valid_outputs"] is False and s["tp"] == 2
-    # a real tp=2 none run and a single-rank one in one group, each sweep sharing its overrides
-    runs = pd.DataFrame({"workload": ["prefill"] * 3, "model": ["tiny"] * 3, "tp": [2] * 3,
-                         "strategy": ["none", "none", "none_mb"],
-                         "overrides": [["tp=2"], ["tp=2", "single_rank=true"], ["tp=2", "single_rank=true"]],
-                         "single_rank": [False, True, True]})
-    assert list(run_variants(runs)) == ["", "single_rank=true", "single_rank=true"]
-    # all single-rank (the override is shared, so not a variant by itself): still labelled
-    alone = runs.iloc[1:].reset_index(drop=True)
-    assert list(run_variants(alone)) == ["single_rank=true", "single_rank=true"]
+    # the label comes from what ran (the summary), however the override was spelled; older results lack the field
+    runs = pd.DataFrame({"workload": ["prefill"] * 4, "model": ["tiny"] * 4, "tp": [2, 2, 2, 1],
+                         "strategy": ["none", "none", "none_mb", "none"],
+                         "overrides": [["tp=2"], ["tp=2", "single_rank=True"], ["tp=2", "single_rank=true"],
+                                       ["tp=1", "single_rank=true"]],
+                         "single_rank": [None, True, True, False]})
+    assert list(run_variants(runs)) == ["", "single_rank=true", "single_rank=true", ""]
+    assert list(run_variants(runs.drop(columns="single_rank"))) == ["", "", "", ""]
+
+
+def test_report_never_takes_references_across_single_rank():
+    """A real tp=2 sweep (blocking, async) without none, and single-rank none / none_mb at the same tp: the real
+    runs get no efficiency from the single-rank none, and the single-rank runs no speedup over real blocking."""
+    from nanovllm_lab.lab.compare import comparison_table, scaling_table, step_table
+    runs = pd.DataFrame({"run": ["b", "a", "n", "m", "b1"], "status": "ok", "workload": "prefill", "model": "tiny",
+                         "tp": [2, 2, 2, 2, 1], "strategy": ["blocking", "async", "none", "none_mb", "blocking"],
+                         "single_rank": [False, False, True, True, None],
+                         "throughput_tok_s": [100.0, 110.0, 150.0, 140.0, 60.0],
+                         "prefill_latency_ms_p50": [10.0, 9.0, 6.0, 6.5, 16.0]})
+    table = comparison_table(runs).set_index("run")
+    assert table.loc["a", "speedup_vs_blocking"] == pytest.approx(1.1)
+    assert table[["overlap_efficiency", "prefill_step_efficiency"]].isna().all().all()
+    assert table.loc[["n", "m"], "speedup_vs_blocking"].isna().all()
+    assert table.loc["m", "variant"] == "single_rank=true"
+    assert set(scaling_table(runs)["strategy"]) == {"blocking", "async"}  # single-rank runs: no tp=2 throughput
+    steps = pd.DataFrame({"run": list("banm"), "workload": "prefill", "model": "tiny", "tp": 2,
+                          "strategy": ["blocking", "async", "none", "none_mb"], "phase": "prefill",
+                          "num_tokens": 64, "latency_ms": [10.0, 9.0, 6.0, 6.5]})
+    st = step_table(steps, runs).set_index("strategy")
+    assert st.loc["async", ["t_none_ms", "overlap_efficiency"]].isna().all()
+    assert st.loc["none_mb", "exposed_comm_ms"] == pytest.approx(0.5)  # the split's cost, against its own none
+    assert bool(st.loc["none_mb", "single_rank"]) and not bool(st.loc["async", "single_rank"])

@@ -92,6 +92,7 @@ class CommStrategy:
 
     name = "base"
     valid_outputs = True  # False for strategies that skip reductions (timing bounds only)
+    communicates = True   # False: no collective at all, so it can run with no peers (Config.single_rank)
 
     def __init__(self, cfg: StrategyConfig, info: ParallelInfo) -> None:
         self.cfg = cfg

@@ -11,6 +11,7 @@ from nanovllm_lab.comm.base import CommStrategy, StrategyConfig, register_strate
 @register_strategy("none", StrategyConfig)
 class NoCommStrategy(CommStrategy):
     valid_outputs = False
+    communicates = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x

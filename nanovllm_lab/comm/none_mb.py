@@ -35,6 +35,7 @@ class NoneMbConfig(AsyncConfig):
 @register_strategy("none_mb", NoneMbConfig)
 class NoneMbStrategy(AsyncOverlapStrategy):
     valid_outputs = False
+    communicates = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x  # the blocking loop below min_tokens, and the embedding: skipped as in `none`

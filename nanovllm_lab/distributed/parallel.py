@@ -59,6 +59,8 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
         dev = "cuda:0" if device.startswith("cuda") else "cpu"
         if dev.startswith("cuda"):
             torch.cuda.set_device(0)
+        else:
+            _cap_threads(world_size)  # the share of the cores one of world_size CPU ranks would get
         _INFO = ParallelInfo(0, world_size, dev, single_rank=True)
         return _INFO
     if _STUCK_TEARDOWN and world_size > 1:
@@ -70,10 +72,7 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
     if dev.startswith("cuda"):
         torch.cuda.set_device(rank)
     elif world_size > 1:
-        # N CPU ranks each using every core oversubscribe the machine (measured 5x slower layer sweeps).
-        global _SAVED_THREADS
-        _SAVED_THREADS = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        _cap_threads(world_size)
     if world_size > 1:
         backend = "nccl" if dev.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -81,6 +80,14 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
                                 device_id=torch.device(dev) if dev.startswith("cuda") else None)
     _INFO = ParallelInfo(rank, world_size, dev)
     return _INFO
+
+
+def _cap_threads(world_size: int) -> None:
+    """N CPU ranks each using every core oversubscribe the machine (measured 5x slower layer sweeps): each gets
+    its share. destroy_distributed gives the threads back."""
+    global _SAVED_THREADS
+    _SAVED_THREADS = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def destroy_distributed() -> None:

@@ -31,6 +31,15 @@ RUN_COLUMNS = ["run", "workload", "model", "tp", "strategy", "variant", "device"
 _GROUP = ["workload", "model", "tp"]
 
 
+def _alone_apart(df: pd.DataFrame, group: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Rank-0-alone runs (single_rank=true: one rank's compute at tp=N, no peers) form groups of their own: they
+    are never a blocking/none reference for real tp=N runs, nor take one from them. Adds `single_rank` to the
+    group keys where some run has it (older results lack the field: False)."""
+    if "single_rank" not in df or not df["single_rank"].fillna(False).astype(bool).any():
+        return df, group
+    return df.assign(single_rank=df["single_rank"].fillna(False).astype(bool)), [*group, "single_rank"]
+
+
 def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -> pd.Series:
     """(T_blocking - T) / (T_blocking - T_none), element-wise; NaN where there is no communication penalty to
     recover (none not faster than blocking: noise would flip the sign). comm.layerbench.efficiency is the same
@@ -39,10 +48,10 @@ def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -
     return (t_blocking - t) / penalty.where(penalty > 0)
 
 
-def _group_median(runs: pd.DataFrame, strategy: str, col: str) -> pd.Series:
+def _group_median(runs: pd.DataFrame, strategy: str, col: str, keys: list[str] = _GROUP) -> pd.Series:
     """Per row of `runs` (a RangeIndex): the median `col` of the `strategy` runs of its group and variant, or
     where its variant has none (or `runs` no `variant` column), of its whole group; NaN where none ran."""
-    own, whole = _own_and_whole(runs, strategy, col, _GROUP)
+    own, whole = _own_and_whole(runs, strategy, col, keys)
     return own.fillna(whole)
 
 
@@ -78,14 +87,15 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
     ok["variant"] = results.run_variants(ok)
+    ok, group = _alone_apart(ok, _GROUP)
     real = ok["strategy"] != "none"
     # The research guide's metrics end to end, where the group has a `none` run (the no-communication bound):
     # time per token T = 1 / throughput; overlap efficiency = (T_blocking - T) / (T_blocking - T_none), exposed
     # communication as a share of the run = (T - T_none) / T.
     ok["throughput_tok_s"] = pd.to_numeric(ok.get("throughput_tok_s"), errors="coerce")
-    blocking_tok_s = _group_median(ok, "blocking", "throughput_tok_s")
+    blocking_tok_s = _group_median(ok, "blocking", "throughput_tok_s", group)
     ok["speedup_vs_blocking"] = ok["throughput_tok_s"] / blocking_tok_s
-    ref_b, ref_n = _references(ok, "throughput_tok_s", _GROUP)
+    ref_b, ref_n = _references(ok, "throughput_tok_s", group)
     t, t_b, t_n = 1 / ok["throughput_tok_s"], 1 / ref_b, 1 / ref_n
     ok["overlap_efficiency"] = overlap_efficiency(t, t_b, t_n).where(real)
     ok["exposed_comm_share"] = ((t - t_n) / t).where(real)
@@ -94,7 +104,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
         col = f"{phase}_latency_ms_p50"
         if col in ok:
             ok[col] = pd.to_numeric(ok[col], errors="coerce")
-            ok[f"{phase}_step_efficiency"] = overlap_efficiency(ok[col], *_references(ok, col, _GROUP)).where(real)
+            ok[f"{phase}_step_efficiency"] = overlap_efficiency(ok[col], *_references(ok, col, group)).where(real)
     cols = [c for c in RUN_COLUMNS if c in ok.columns]
     return ok[cols].sort_values(["workload", "model", "tp", "variant", "strategy"],
                                 kind="stable").reset_index(drop=True)
@@ -106,6 +116,8 @@ def scaling_table(runs: pd.DataFrame) -> pd.DataFrame:
     blocking's: at tp=1 there is nothing to reduce and every strategy runs as blocking (`tp1_strategy` says
     which was used). Empty without several tp sizes."""
     need = {"workload", "model", "strategy", "tp", "throughput_tok_s"}
+    if "single_rank" in runs:  # one rank's compute alone is no tp=N throughput
+        runs = runs[~runs["single_rank"].fillna(False).astype(bool)]
     if runs.empty or not need <= set(runs.columns) or runs["tp"].nunique() < 2:
         return pd.DataFrame()
     keys = ["workload", "model", "strategy"]
@@ -159,7 +171,10 @@ def step_table(steps: pd.DataFrame, summaries: pd.DataFrame | None = None) -> pd
     variants = variants_by_run(summaries)
     s = s.assign(params=s["run"].map(params).fillna("{}") if "run" in s else "{}",
                  variant=s["run"].map(variants).fillna("") if "run" in s else "")
-    keys = ["workload", "model", "tp", "phase", "num_tokens"]
+    if summaries is not None and {"run", "single_rank"} <= set(summaries.columns) and "run" in s:
+        s = s.assign(single_rank=s["run"].map(dict(zip(summaries["run"], summaries["single_rank"]))))
+    s, group = _alone_apart(s, ["workload", "model", "tp"])
+    keys = [*group, "phase", "num_tokens"]
     if "cuda_graph" in s:  # graph-replayed and eager steps are compared apart (prefill_graphs=0,4 in one sweep)
         keys.append("cuda_graph")
     groups = s.groupby([*keys, "strategy", "params", "variant"])
@@ -216,7 +231,8 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame()
     ok["variant"] = results.run_variants(ok)
-    out = ok[[c for c in ("run", *_GROUP, "strategy", "variant") if c in ok]].copy()
+    ok, group = _alone_apart(ok, _GROUP)
+    out = ok[[c for c in ("run", *group, "strategy", "variant") if c in ok]].copy()
     for src, dst in _TRACE_MS.items():
         out[dst] = pd.to_numeric(ok.get(src), errors="coerce") / 1e3
     out["trace_concurrency"] = ok.get("trace_concurrency")
@@ -224,7 +240,7 @@ def trace_table(summaries: pd.DataFrame) -> pd.DataFrame:
                             / pd.to_numeric(ok.get("trace_comm_busy_us"), errors="coerce"))
     out["device_busy_fraction"] = ok.get("trace_device_busy_fraction")
     ok = ok.assign(trace_compute_busy_us_per_step=pd.to_numeric(ok["trace_compute_busy_us_per_step"]))
-    none = _group_median(ok, "none", "trace_compute_busy_us_per_step")
+    none = _group_median(ok, "none", "trace_compute_busy_us_per_step", group)
     out["compute_interference"] = (ok["trace_compute_busy_us_per_step"] / none - 1).where(ok["strategy"] != "none")
     for cls in KERNEL_CLASSES:  # summed kernel time per step by class (ms): where a strategy's extra time goes
         col = f"trace_{cls}_us_per_step"

@@ -176,7 +176,7 @@ def load_trace_summaries(root: str | os.PathLike) -> pd.DataFrame:
 # strategy and its parameters are `strategy` and `strategy_params`), or where and how results are kept rather
 # than what ran. `trace` stays a variant: the profiler slows the steps it times.
 _NOT_VARIANT_KEYS = {"workload", "model", "tp", "strategy", "results_dir", "progress", "tag", "logger",
-                     "overlap_table"}
+                     "overlap_table", "single_rank"}  # single_rank: labelled from the run's own record, below
 _NOT_VARIANT_PREFIXES = ("strategy.", "logger.", "hydra.")
 VARIANT_GROUP = ("workload", "model", "tp")
 
@@ -202,20 +202,20 @@ def run_variants(summaries: pd.DataFrame, group: tuple[str, ...] = VARIANT_GROUP
     (workload, model, tp, +strategy / strategy.*) or that do not change what ran (results_dir, progress, tag,
     logger, overlap_table) are left out. Runs without recorded `overrides` (older results) get "" and take no
     part in deciding what the others share. Pass the runs that are compared (the successful ones)."""
-    if summaries.empty or "overrides" not in summaries.columns:
-        return pd.Series("", index=summaries.index, dtype=object)
+    out = [""] * len(summaries)
+    has_overrides = "overrides" in summaries.columns
+    sets = [_variant_overrides(o) for o in summaries["overrides"]] if has_overrides else []
     keys = [k for k in group if k in summaries.columns]
-    sets = [_variant_overrides(o) for o in summaries["overrides"]]
-    out = [""] * len(sets)
-    parts = summaries.groupby(keys, dropna=False, sort=False).indices.values() if keys else [range(len(sets))]
+    parts = [] if not has_overrides or summaries.empty else (
+        summaries.groupby(keys, dropna=False, sort=False).indices.values() if keys else [range(len(sets))])
     for positions in parts:
         known = [sets[i] for i in positions if sets[i] is not None]
         shared = set.intersection(*known) if known else set()
         for i in positions:
             if sets[i] is not None:
                 out[i] = " ".join(sorted(sets[i] - shared))
-    if "single_rank" in summaries.columns:  # rank 0 alone is never pooled with real tp=N runs, shared or not
+    if "single_rank" in summaries.columns:  # what ran, not what was asked (at tp=1 the key changes nothing)
         for i, alone in enumerate(summaries["single_rank"]):
-            if pd.notna(alone) and bool(alone) and "single_rank=true" not in out[i].split():
+            if pd.notna(alone) and bool(alone):
                 out[i] = " ".join(sorted([*out[i].split(), "single_rank=true"]))
     return pd.Series(out, index=summaries.index, dtype=object)
