@@ -68,21 +68,13 @@ def test_single_rank_none_computes_what_rank0_of_tp2_computes(tp2_none):
     assert not torch.allclose(ref[0][:, half:], ref[0][:, :half])
 
 
-def test_single_rank_none_mb_splits_like_tp2(tp2_none):
+def test_single_rank_none_mb_splits_like_tp2(tp2_none, monkeypatch):
     """At tp=1 none_mb runs whole; single_rank at tp=2 must run its micro-batches, with none's numbers."""
-    from nanovllm_lab.comm import none_mb
+    from nanovllm_lab.comm.none_mb import NoneMbStrategy
     issued = []
-    orig = none_mb.NoneMbStrategy._issue
-
-    def counting(self, x, weight, bias):
-        issued.append(x.shape[0])
-        return orig(self, x, weight, bias)
-
-    none_mb.NoneMbStrategy._issue = counting
-    try:
-        got, _ = prefill_logits({"name": "none_mb", "min_tokens": 1}, tensor_parallel_size=2, single_rank=True)
-    finally:
-        none_mb.NoneMbStrategy._issue = orig
+    orig = NoneMbStrategy._issue
+    monkeypatch.setattr(NoneMbStrategy, "_issue", lambda self, x, *wb: issued.append(len(x)) or orig(self, x, *wb))
+    got, _ = prefill_logits({"name": "none_mb", "min_tokens": 1}, tensor_parallel_size=2, single_rank=True)
     assert issued, "the micro-batched loop never ran"
     ref, _ = tp2_none
     half = ref[0].shape[1] // 2
