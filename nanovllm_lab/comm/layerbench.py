@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from nanovllm_lab.distributed.parallel import SAFE_ENV
+from nanovllm_lab.utils.compile import ELEMENTWISE_KERNELS
 
 ROW_KEYS = ("arch", "tp", "phase", "tokens", "seqs", "unit", "strategy", "params", "t_ms", "t_p10_ms", "t_p90_ms",
             "t_blocking_ms", "t_none_ms", "t_comm_ms", "exposed_comm_ms", "overlap_efficiency", "comm_calls",
@@ -106,7 +107,7 @@ def layer_sweep(arch_name: str, tp: int, strategies: list, tokens: list[int], ph
                prefill_graph, interference, torch_compile, elementwise_kernels)
     if job.repeats < 1 or not job.tokens or min(job.tokens) < 1:
         raise ValueError("layer_sweep needs repeats >= 1 and token counts >= 1")
-    if elementwise_kernels not in (None, "auto", "triton", "torch"):
+    if elementwise_kernels is not None and elementwise_kernels not in ELEMENTWISE_KERNELS:
         raise ValueError(f"layer_sweep: elementwise_kernels must be auto, triton or torch, got {elementwise_kernels!r}")
     for spec in job.strategies:
         _spec_name_params(spec)  # unknown names / bad parameters fail here, before anything is spawned

@@ -28,7 +28,6 @@ class ParallelInfo:
     single_rank: bool = False  # rank 0 of world_size alone: shard shapes, no peers, no process group
 
 
-
 _INFO = ParallelInfo()
 _SAVED_THREADS: int | None = None  # this process's thread count before a CPU tensor-parallel engine lowered it
 TEARDOWN_TIMEOUT_ENV = "NANOVLLM_TEARDOWN_TIMEOUT_S"  # seconds a process-group teardown may take (default 30)
@@ -51,19 +50,9 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
     0's, no process group is joined, and only strategies that communicate nothing can run (Config.single_rank).
     It measures one rank's compute at tp=N on one device."""
     global _INFO
-    if single_rank:
-        if rank != 0:
-            raise ValueError(f"single_rank runs rank 0 alone, got rank {rank}")
-        for k, v in SAFE_ENV.items():
-            os.environ[k] = v
-        dev = "cuda:0" if device.startswith("cuda") else "cpu"
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(0)
-        else:
-            _cap_threads(world_size)  # the share of the cores one of world_size CPU ranks would get
-        _INFO = ParallelInfo(0, world_size, dev, single_rank=True)
-        return _INFO
-    if _STUCK_TEARDOWN and world_size > 1:
+    if single_rank and rank != 0:
+        raise ValueError(f"single_rank runs rank 0 alone, got rank {rank}")
+    if _STUCK_TEARDOWN and world_size > 1 and not single_rank:
         raise RuntimeError(f"cannot start a tensor-parallel engine in this process: {_STUCK_TEARDOWN}. "
                            "Start the next engine in a new process.")
     for k, v in SAFE_ENV.items():
@@ -72,22 +61,18 @@ def init_distributed(rank: int, world_size: int, device: str, init_file: str | N
     if dev.startswith("cuda"):
         torch.cuda.set_device(rank)
     elif world_size > 1:
-        _cap_threads(world_size)
-    if world_size > 1:
+        # N CPU ranks each using every core oversubscribe the machine (measured 5x slower layer sweeps): each gets
+        # its share, a rank run alone (single_rank) too. destroy_distributed gives the threads back.
+        global _SAVED_THREADS
+        _SAVED_THREADS = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if world_size > 1 and not single_rank:
         backend = "nccl" if dev.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=torch.device(dev) if dev.startswith("cuda") else None)
-    _INFO = ParallelInfo(rank, world_size, dev)
+    _INFO = ParallelInfo(rank, world_size, dev, single_rank)
     return _INFO
-
-
-def _cap_threads(world_size: int) -> None:
-    """N CPU ranks each using every core oversubscribe the machine (measured 5x slower layer sweeps): each gets
-    its share. destroy_distributed gives the threads back."""
-    global _SAVED_THREADS
-    _SAVED_THREADS = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def destroy_distributed() -> None:

@@ -35,9 +35,10 @@ def _alone_apart(df: pd.DataFrame, group: list[str]) -> tuple[pd.DataFrame, list
     """Rank-0-alone runs (single_rank=true: one rank's compute at tp=N, no peers) form groups of their own: they
     are never a blocking/none reference for real tp=N runs, nor take one from them. Adds `single_rank` to the
     group keys where some run has it (older results lack the field: False)."""
-    if "single_rank" not in df or not df["single_rank"].fillna(False).astype(bool).any():
+    alone = df["single_rank"].fillna(False).astype(bool) if "single_rank" in df else None
+    if alone is None or not alone.any():
         return df, group
-    return df.assign(single_rank=df["single_rank"].fillna(False).astype(bool)), [*group, "single_rank"]
+    return df.assign(single_rank=alone), [*group, "single_rank"]
 
 
 def overlap_efficiency(t: pd.Series, t_blocking: pd.Series, t_none: pd.Series) -> pd.Series:
